@@ -1,0 +1,37 @@
+# pytest-flightvm: every target installs what it needs (idempotent) via `make host`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REGISTRY ?= 127.0.0.1:5000/flightvm/base
+export FLIGHTVM_REGISTRY ?= $(REGISTRY)
+
+.PHONY: host demo test unit integration faults lint type bench clean-venv
+
+host:
+	@./scripts/host-setup.sh
+
+demo: host
+	@$(PY) scripts/demo.py --registry $(REGISTRY)
+
+test: host
+	$(PY) -m pytest tests -p no:cacheprovider -n 2 -v -rs
+
+unit: host
+	$(PY) -m pytest tests/unit -q
+
+integration: host
+	$(PY) -m pytest tests/integration -n 2 -v -rs
+
+faults: host
+	$(PY) -m pytest tests/faults -v -rs
+
+lint: host
+	$(VENV)/bin/ruff check pytest_flightvm tests examples bench scripts
+
+type: host
+	$(VENV)/bin/mypy pytest_flightvm
+
+bench: host
+	$(PY) -m bench
+
+clean-venv:
+	rm -rf $(VENV)

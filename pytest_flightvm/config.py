@@ -1,0 +1,271 @@
+"""Settings: every option resolved once, from CLI > ini > env > default.
+
+The option table below is the single source of truth. ``plugin.py`` turns it
+into pytest options and ini keys, ``cli.py`` into ``flightvm`` flags, and
+:func:`resolve` turns raw values into one frozen :class:`Settings`.
+Nothing here imports pytest.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import platform
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ACCELS = ("auto", "kvm", "tcg")
+KEEPS = ("never", "on-failure", "always")
+RESETS = ("snapshot", "reboot", "none")
+COMPRESSIONS = ("none", "zstd")
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One user-facing setting and all of its spellings."""
+
+    name: str  # Settings field
+    help: str
+    cli: str | None = None  # --flightvm-... (pytest); the flightvm CLI uses ``cli_short``
+    ini: str | None = None
+    env: tuple[str, ...] = ()
+    kind: str = "str"  # str | path | bool | int | float | choice | linelist
+    choices: tuple[str, ...] = ()
+    cli_short: str | None = None  # flag name on the ``flightvm`` CLI
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("registry", "OCI repository for the base image cache, e.g. 127.0.0.1:5000/flightvm/base",
+           "--flightvm-registry", "flightvm_registry", ("FLIGHTVM_REGISTRY",), cli_short="--registry"),
+    Option("image", "pin the base to a local qcow2 path or a full registry reference",
+           "--flightvm-image", "flightvm_image", ("FLIGHTVM_IMAGE",), cli_short="--image"),
+    Option("cache_dir", "local store and run directory (default $XDG_CACHE_HOME/flightvm)",
+           "--flightvm-cache-dir", "flightvm_cache_dir", ("FLIGHTVM_CACHE_DIR",), kind="path",
+           cli_short="--cache-dir"),
+    Option("build_cmd", "shell command that writes a qcow2 to $FLIGHTVM_OUTPUT (default: built-in Debian builder)",
+           "--flightvm-build-cmd", "flightvm_build_cmd", ("FLIGHTVM_BUILD_CMD",), cli_short="--build-cmd"),
+    Option("build_inputs", "paths/globs hashed into the cache key", None, "flightvm_build_inputs",
+           kind="linelist"),
+    Option("tag_prefix", "registry tag prefix", "--flightvm-tag-prefix", "flightvm_tag_prefix",
+           ("QCOW2_CACHE_TAG",), cli_short="--tag-prefix"),
+    Option("rebuild", "ignore caches and build the base", "--flightvm-rebuild", kind="bool"),
+    Option("push", "push the base after a build (default: only under CI=true)", "--flightvm-push",
+           "flightvm_push", ("REGISTRY_CACHE",), kind="bool"),
+    Option("offline", "never contact the registry", "--flightvm-offline", "flightvm_offline",
+           ("FLIGHTVM_OFFLINE",), kind="bool", cli_short="--offline"),
+    Option("plain_http", "talk plain HTTP to a non-loopback registry", "--flightvm-plain-http",
+           "flightvm_plain_http", ("FLIGHTVM_PLAIN_HTTP",), kind="bool", cli_short="--plain-http"),
+    Option("compress", "compress the pushed layer", "--flightvm-compress", "flightvm_compress",
+           ("FLIGHTVM_COMPRESS",), kind="choice", choices=COMPRESSIONS, cli_short="--compress"),
+    Option("libvirt_uri", "libvirt connection URI", "--flightvm-libvirt-uri", "flightvm_libvirt_uri",
+           ("LIBVIRT_DEFAULT_URI",), cli_short="--libvirt-uri"),
+    Option("accel", "auto, kvm or tcg", "--flightvm-accel", "flightvm_accel", ("FLIGHTVM_ACCEL",),
+           kind="choice", choices=ACCELS, cli_short="--accel"),
+    Option("vm_config", "flightctl VM config dir (config.yaml, certs/, rpms/, ca.pem, registry.conf)",
+           "--flightvm-vm-config", "flightvm_vm_config", ("VM_CONFIG_DIR",), kind="path"),
+    Option("cloud_init_dir", "a prepared NoCloud dir, packed as-is", "--flightvm-cloud-init-dir",
+           None, ("CLOUD_INIT_DIR",), kind="path"),
+    Option("keep", "keep VMs after the run: never, on-failure, always", "--flightvm-keep",
+           "flightvm_keep", kind="choice", choices=KEEPS),
+    Option("console", "stream guest consoles live", "--flightvm-console", None,
+           ("DEBUG_VM_CONSOLE",), kind="bool"),
+    Option("memory", "guest memory in MiB", "--flightvm-memory", "flightvm_memory", kind="int"),
+    Option("vcpus", "guest vCPUs", "--flightvm-vcpus", "flightvm_vcpus", kind="int"),
+    Option("boot_timeout", "seconds to wait for a ready guest (scaled under TCG)",
+           "--flightvm-boot-timeout", "flightvm_boot_timeout", kind="float"),
+    Option("reset", "per-test reset: snapshot, reboot or none", "--flightvm-reset", "flightvm_reset",
+           ("FLIGHTVM_RESET",), kind="choice", choices=RESETS),
+    Option("metrics", "write run metrics as JSON to this file", "--flightvm-metrics",
+           "flightvm_metrics", ("FLIGHTVM_METRICS",), kind="path"),
+)
+
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def _default_cache_dir(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "flightvm"
+
+
+def _default_uri() -> str:
+    return "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+
+
+@dataclass(frozen=True)
+class Settings:
+    registry: str | None = None
+    image: str | None = None
+    cache_dir: Path = field(default_factory=lambda: _default_cache_dir(os.environ))
+    build_cmd: str | None = None
+    build_inputs: tuple[str, ...] = ()
+    tag_prefix: str = "base-qcow2"
+    rebuild: bool = False
+    push: bool = False
+    offline: bool = False
+    plain_http: bool = False
+    compress: str = "none"
+    libvirt_uri: str = field(default_factory=_default_uri)
+    accel: str = "auto"
+    vm_config: Path | None = None
+    cloud_init_dir: Path | None = None
+    keep: str = "never"
+    console: bool = False
+    memory: int = 1024
+    vcpus: int = 1
+    boot_timeout: float = 300.0
+    reset: str = "snapshot"
+    metrics: Path | None = None
+    rootdir: Path = field(default_factory=Path.cwd)
+    arch: str = field(default_factory=host_arch)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def store_dir(self) -> Path:
+        return self.cache_dir / "store"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.cache_dir / "runs"
+
+
+def _parse_bool(raw: Any, where: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise ConfigError(f"{where}: expected true or false, got {raw!r}")
+
+
+def _convert(opt: Option, raw: Any, where: str, rootdir: Path) -> Any:
+    if opt.kind == "bool":
+        return _parse_bool(raw, where)
+    if opt.kind == "linelist":
+        if isinstance(raw, str):
+            raw = raw.splitlines()
+        return tuple(str(x).strip() for x in raw if str(x).strip())
+    text = str(raw).strip()
+    if opt.kind in ("int", "float"):
+        try:
+            value = int(text) if opt.kind == "int" else float(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {raw!r}") from None
+        if value <= 0:
+            raise ConfigError(f"{where}: must be positive, got {raw!r}")
+        return value
+    if opt.kind == "choice":
+        if text not in opt.choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(opt.choices)}, got {raw!r}")
+        return text
+    if opt.kind == "path":
+        path = Path(os.path.expanduser(text))
+        return path if path.is_absolute() else (rootdir / path)
+    return text or None
+
+
+def resolve(
+    cli: Mapping[str, Any] | None = None,
+    ini: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    rootdir: Path | None = None,
+) -> Settings:
+    """Resolve every option once. ``cli``/``ini`` map Option.name to raw values
+    (None or missing means unset); ``env`` is the process environment."""
+    cli = cli or {}
+    ini = ini or {}
+    env = os.environ if env is None else env
+    rootdir = rootdir or Path.cwd()
+    values: dict[str, Any] = {"rootdir": rootdir, "cache_dir": _default_cache_dir(env)}
+    for opt in OPTIONS:
+        candidates: list[tuple[Any, str]] = []
+        if opt.cli:
+            candidates.append((cli.get(opt.name), opt.cli))
+        if opt.ini:
+            candidates.append((ini.get(opt.name), f"ini {opt.ini}"))
+        for var in opt.env:
+            candidates.append((env.get(var), f"env {var}"))
+        for raw, where in candidates:
+            if raw is None or (opt.kind != "bool" and raw in ("", [], ())):
+                continue
+            if opt.kind == "bool" and raw == "" and where.startswith("env"):
+                continue
+            values[opt.name] = _convert(opt, raw, where, rootdir)
+            break
+    # push: explicit setting wins; otherwise push only when running in CI.
+    if "push" not in values:
+        values["push"] = _parse_bool(env.get("CI", ""), "env CI") if env.get("CI") else False
+    settings = Settings(**values)
+    validate_registry_ref(settings.registry, "registry")
+    return settings
+
+
+_REF_RE = re.compile(
+    r"^(?P<host>[a-zA-Z0-9.-]+(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?)"
+    r"/(?P<repo>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
+
+
+def validate_registry_ref(ref: str | None, what: str) -> re.Match[str] | None:
+    """Check a ``host[:port]/repo[:tag][@sha256:...]`` reference; one-line error if not."""
+    if ref is None:
+        return None
+    match = _REF_RE.match(ref)
+    if not match:
+        raise ConfigError(
+            f"{what} {ref!r} is not a registry reference; use HOST[:PORT]/REPO[:TAG], "
+            "e.g. 127.0.0.1:5000/flightvm/base"
+        )
+    return match
+
+
+def read_ini(directory: Path) -> tuple[dict[str, Any], Path]:
+    """Read pytest's ini settings the way pytest finds them, for the ``flightvm`` CLI.
+
+    Returns ``(values by Option.name, rootdir)``. Walks up from ``directory``.
+    """
+    wanted = {o.ini: o.name for o in OPTIONS if o.ini}
+    for folder in (directory, *directory.parents):
+        raw: Mapping[str, Any] | None = None
+        pytest_ini = folder / "pytest.ini"
+        pyproject = folder / "pyproject.toml"
+        if pytest_ini.is_file():
+            raw = _ini_section(pytest_ini, "pytest") or {}
+        elif pyproject.is_file():
+            data = tomllib.loads(pyproject.read_text())
+            raw = data.get("tool", {}).get("pytest", {}).get("ini_options")
+        for name, section in (("tox.ini", "pytest"), ("setup.cfg", "tool:pytest")):
+            if raw is None and (folder / name).is_file():
+                raw = _ini_section(folder / name, section)
+        if raw is not None:
+            return {wanted[k]: v for k, v in raw.items() if k in wanted}, folder
+    return {}, directory
+
+
+def _ini_section(path: Path, section: str) -> dict[str, str] | None:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(path)
+    return dict(parser[section]) if parser.has_section(section) else None
+
+
+CliGetter = Callable[[str], Any]

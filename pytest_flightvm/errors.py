@@ -1,0 +1,82 @@
+"""The FlightVMError family: every failure the user can act on, as one line.
+
+Each message names what went wrong *and* what to do next. ``exit_code``
+is what the ``flightvm`` CLI exits with: 2 for bad input or usage (the
+user must change something), 1 for an operation that failed.
+"""
+
+from __future__ import annotations
+
+
+class FlightVMError(Exception):
+    """Base class. ``str(err)`` is a single actionable line."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        # Keep the headline on one line; longer context goes to ``detail``.
+        super().__init__(" ".join(message.split()))
+        self.detail = detail
+
+
+class ConfigError(FlightVMError):
+    """Bad input: an option, file or reference the user must fix."""
+
+    exit_code = 2
+
+
+class ToolMissingError(ConfigError):
+    """A host tool (mmdebstrap, qemu-img, ssh-keygen ...) is not installed."""
+
+
+class CacheError(FlightVMError):
+    """The local store could not be read or written."""
+
+
+class IntegrityError(CacheError):
+    """Content did not match its digest."""
+
+
+class RegistryError(FlightVMError):
+    """The OCI registry failed."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry is down, stalled or unreachable."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry refused our credentials."""
+
+    exit_code = 2
+
+
+class ArtifactNotFound(RegistryError):
+    """The tag or digest does not exist in the registry."""
+
+
+class BuildError(FlightVMError):
+    """Building the base image failed."""
+
+
+class LibvirtError(FlightVMError):
+    """libvirt is unreachable or refused an operation."""
+
+
+class BootError(FlightVMError):
+    """A guest failed to become ready."""
+
+
+class GuestCommandError(FlightVMError):
+    """A command run in the guest exited non-zero (``run(check=True)``)."""
+
+    def __init__(self, cmd: str, returncode: int, stdout: str, stderr: str) -> None:
+        tail = (stderr or stdout).strip().splitlines()[-5:]
+        super().__init__(
+            f"guest command exited {returncode}: {cmd!r}" + (f" ({tail[-1]})" if tail else ""),
+            detail="\n".join(tail),
+        )
+        self.cmd = cmd
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr

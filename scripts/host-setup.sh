@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Idempotent host setup for pytest-flightvm (Debian 12, no systemd).
+#   - installs the Debian packages from HOST-NOTES
+#   - starts virtlogd and libvirtd when they are not running
+#   - starts a local CNCF registry on 127.0.0.1:5000 when none answers there
+#   - creates .venv and installs the project editable with test extras
+# Prints what it did and what was already in place; a second run changes nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+REGISTRY_ADDR=${FLIGHTVM_LOCAL_REGISTRY:-127.0.0.1:5000}
+REGISTRY_DIR=${FLIGHTVM_REGISTRY_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/flightvm-registry}
+PACKAGES=(
+  qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+  seabios ovmf libvirt-dev pkg-config gcc docker-registry mmdebstrap e2fsprogs fdisk
+  grub-pc-bin grub2-common openssh-client xorriso curl zstd apache2-utils dpkg-dev openssl
+  ca-certificates util-linux time
+)
+
+say() { printf 'host: %s\n' "$*"; }
+
+# 1. Debian packages
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    say "missing packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})"; exit 2
+  fi
+  say "installing ${#missing[@]} packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  say "packages: all ${#PACKAGES[@]} already installed"
+fi
+
+# 2. libvirt daemons (no systemd here: start them ourselves, detached)
+if [ "$(id -u)" -eq 0 ]; then
+  if pgrep -x virtlogd >/dev/null; then say "virtlogd: already running"
+  else setsid virtlogd -d; say "virtlogd: started"; fi
+  if virsh -c qemu:///system version >/dev/null 2>&1; then say "libvirtd: already answering"
+  else
+    pgrep -x libvirtd >/dev/null || setsid libvirtd -d
+    for _ in $(seq 1 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+    virsh -c qemu:///system version >/dev/null 2>&1 || { say "libvirtd: did not answer on qemu:///system"; exit 1; }
+    say "libvirtd: started"
+  fi
+else
+  say "libvirt: not root, skipping daemon start (use qemu:///session)"
+fi
+
+# 3. local OCI registry (Debian's docker-registry) on loopback
+if curl -fsS -m 2 "http://$REGISTRY_ADDR/v2/" >/dev/null 2>&1; then
+  say "registry: already answering on $REGISTRY_ADDR"
+else
+  mkdir -p "$REGISTRY_DIR/data"
+  cat > "$REGISTRY_DIR/config.yml" <<YML
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $REGISTRY_DIR/data
+  delete:
+    enabled: true
+http:
+  addr: $REGISTRY_ADDR
+YML
+  setsid /usr/bin/docker-registry serve "$REGISTRY_DIR/config.yml" >"$REGISTRY_DIR/registry.log" 2>&1 < /dev/null &
+  echo $! > "$REGISTRY_DIR/registry.pid"
+  for _ in $(seq 1 50); do curl -fsS -m 1 "http://$REGISTRY_ADDR/v2/" >/dev/null 2>&1 && break; sleep 0.2; done
+  curl -fsS -m 2 "http://$REGISTRY_ADDR/v2/" >/dev/null || { say "registry: failed to start, see $REGISTRY_DIR/registry.log"; exit 1; }
+  say "registry: started on $REGISTRY_ADDR (data in $REGISTRY_DIR, pid $(cat "$REGISTRY_DIR/registry.pid"))"
+fi
+
+# 4. virtualenv with the project installed editable
+stamp="$VENV/.flightvm-installed"
+if [ ! -x "$VENV/bin/python" ]; then "$PYTHON" -m venv "$VENV"; say "venv: created $VENV"; fi
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  "$VENV/bin/pip" install -q --upgrade pip >"$VENV/install.log" 2>&1
+  "$VENV/bin/pip" install -q -e '.[test]' >>"$VENV/install.log" 2>&1 \
+    || { say "venv: pip install failed, see $VENV/install.log"; tail -5 "$VENV/install.log"; exit 1; }
+  touch "$stamp"
+  say "venv: installed pytest-flightvm (editable, test extras)"
+else
+  say "venv: pytest-flightvm already installed"
+fi
