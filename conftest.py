@@ -1,0 +1,2 @@
+# Root conftest: pytester drives plugin-behaviour tests in a throw-away project.
+pytest_plugins = ["pytester"]
