@@ -1,0 +1,388 @@
+"""The pytest face of flightvm: options, fixtures, marker, reports, summary.
+
+Thin on purpose: settings come from :mod:`config`, the image from
+:mod:`cache.resolve`, seeds from :mod:`seed`, VMs from :mod:`vm`. This
+module (and ``hooks.py``) are the only ones that import pytest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import hooks
+from .config import OPTIONS, Settings, resolve
+from .errors import ConfigError, FlightVMError
+from .metrics import aggregate, write_worker_metrics
+from .vm.factory import RunContext, VMFactory, VMRequest, new_run_id
+from .vm.machine import Machine
+from .vm.pool import VMPool
+
+RUN_ID_KEY = "flightvm_run_id"
+_settings_key = pytest.StashKey[Settings]()
+_run_key = pytest.StashKey[RunContext]()
+_used_vms_key = pytest.StashKey[list[Machine]]()
+_state_key = pytest.StashKey[dict[str, Any]]()
+
+
+# ----------------------------------------------------------------- options
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("flightvm", "real VMs for E2E tests (pytest-flightvm)")
+    for opt in OPTIONS:
+        if opt.cli:
+            if opt.kind == "bool":
+                group.addoption(opt.cli, action="store_const", const=True, default=None,
+                                dest=f"flightvm_{opt.name}", help=opt.help)
+                if opt.name == "push":
+                    group.addoption("--flightvm-no-push", action="store_const", const=False,
+                                    dest="flightvm_push", help="never push after a build")
+            else:
+                group.addoption(opt.cli, action="store", default=None,
+                                dest=f"flightvm_{opt.name}", help=opt.help,
+                                choices=list(opt.choices) or None)
+        if opt.ini:
+            parser.addini(opt.ini, opt.help, type="linelist" if opt.kind == "linelist" else "string",
+                          default=[] if opt.kind == "linelist" else None)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hooks)
+
+
+def _settings_from(config: pytest.Config) -> Settings:
+    cli = {o.name: config.getoption(f"flightvm_{o.name}") for o in OPTIONS if o.cli}
+    ini: dict[str, Any] = {}
+    for o in OPTIONS:
+        if o.ini:
+            value = config.getini(o.ini)
+            ini[o.name] = value if value not in (None, "", []) else None
+    return resolve(cli, ini, os.environ, rootdir=Path(config.rootpath))
+
+
+class _XdistHooks:
+    """Hand the controller's run id to every worker."""
+
+    @staticmethod
+    def pytest_configure_node(node: Any) -> None:
+        node.workerinput[RUN_ID_KEY] = node.config.stash[_run_key].run_id
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "flightvm(memory=None, vcpus=None, user_data=None, reset=None): per-test VM overrides",
+    )
+    try:
+        settings = _settings_from(config)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"flightvm: {exc}") from None
+    config.stash[_settings_key] = settings
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        run_id, worker = workerinput.get(RUN_ID_KEY) or new_run_id(), workerinput["workerid"]
+    else:
+        run_id, worker = new_run_id(), "main"
+    # The run dir is created lazily, the first time a fixture needs it.
+    config.stash[_run_key] = RunContext(run_id, settings.runs_dir / run_id, worker)
+    config.stash[_state_key] = {"image": None}
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(), "flightvm-xdist")
+
+
+def _is_controller(config: pytest.Config) -> bool:
+    return getattr(config, "workerinput", None) is None
+
+
+# ----------------------------------------------------------------- helpers
+def _fail_setup(exc: FlightVMError) -> None:
+    """Turn a FlightVMError into a one-line fixture failure (no deep traceback)."""
+    msg = f"flightvm: {exc}"
+    if exc.detail:
+        msg += "\n" + exc.detail
+    pytest.fail(msg, pytrace=False)
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except FlightVMError as exc:
+        _fail_setup(exc)
+
+
+def _progress(config: pytest.Config) -> Any:
+    capman = config.pluginmanager.getplugin("capturemanager")
+
+    def emit(line: str) -> None:
+        if capman is not None:
+            with capman.global_and_fixture_disabled():
+                sys.stderr.write(line.rstrip() + "\n")
+        else:
+            sys.stderr.write(line.rstrip() + "\n")
+        sys.stderr.flush()
+
+    return emit
+
+
+def _builder(config: pytest.Config, settings: Settings) -> Any:
+    from .cache import build
+
+    impls = config.pluginmanager.hook.pytest_flightvm_build_image.get_hookimpls()
+    if impls:
+        sources = []
+        for impl in impls:
+            try:
+                sources.append(inspect.getsource(impl.function))
+            except (OSError, TypeError):
+                sources.append(impl.plugin_name)
+        identity = "hook:" + hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
+
+        class HookBuilder:
+            def __init__(self) -> None:
+                self.identity = identity
+
+            def build(self, output: Path, *, log: Any = None) -> None:
+                key = os.environ.get("FLIGHTVM_KEY", "")
+                result = config.hook.pytest_flightvm_build_image(config=config, output=output,
+                                                                 key=key)
+                if not result:
+                    raise FlightVMError("pytest_flightvm_build_image returned no result; "
+                                        "return True after writing the qcow2 to `output`")
+
+        return HookBuilder()
+    if settings.build_cmd:
+        return build.CommandBuilder(settings.build_cmd)
+    return None  # resolve falls back to the built-in Debian builder
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def flightvm_settings(pytestconfig: pytest.Config) -> Settings:
+    """The resolved flightvm settings (CLI > ini > env > default)."""
+    return pytestconfig.stash[_settings_key]
+
+
+@pytest.fixture(scope="session")
+def flightvm_run(pytestconfig: pytest.Config, flightvm_settings: Settings) -> RunContext:
+    """This run's id and directory (shared by all xdist workers of the run)."""
+    from .vm.reaper import write_run_file
+
+    run = pytestconfig.stash[_run_key]
+    try:
+        run.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise pytest.UsageError(
+            f"flightvm: cache dir {flightvm_settings.cache_dir} is not writable ({exc.strerror}); "
+            "pass --flightvm-cache-dir"
+        ) from None
+    if _is_controller(pytestconfig) and not (run.run_dir / "run.json").exists():
+        write_run_file(run.run_dir)
+    return run
+
+
+@pytest.fixture(scope="session")
+def flightvm_image(pytestconfig: pytest.Config, flightvm_settings: Settings,
+                   flightvm_run: RunContext) -> Any:
+    """The resolved base image: path, digest, tags, source and seconds."""
+    from .cache.resolve import resolve_image
+
+    with _one_line_errors():
+        image = resolve_image(
+            flightvm_settings, _builder(pytestconfig, flightvm_settings),
+            record=flightvm_run.run_dir / "resolves.jsonl", log=_progress(pytestconfig),
+        )
+    pytestconfig.stash[_state_key]["image"] = image
+    return image
+
+
+@pytest.fixture
+def flightvm_user_data() -> dict[str, Any]:
+    """Override to merge a dict into every VM's cloud-init user-data."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
+                   flightvm_run: RunContext, flightvm_image: Any) -> Iterator[VMFactory]:
+    from .vm.reaper import reap
+
+    emit = _progress(pytestconfig)
+    with _one_line_errors():
+        reap(flightvm_settings.libvirt_uri, flightvm_settings.runs_dir, log=emit)
+
+    def user_data_hook(name: str, user_data: dict[str, Any]) -> None:
+        pytestconfig.hook.pytest_flightvm_user_data(config=pytestconfig, vm_name=name,
+                                                    user_data=user_data)
+
+    with _one_line_errors():
+        factory = VMFactory(flightvm_settings, Path(flightvm_image.path), flightvm_run,
+                            user_data_hook=user_data_hook, notice=emit)
+    yield factory
+    factory.close()
+    write_worker_metrics(flightvm_run, flightvm_image, factory)
+
+
+@pytest.fixture(scope="session")
+def flightvm_factory(_flightvm_core: VMFactory, pytestconfig: pytest.Config) -> Any:
+    """``create(**overrides) -> VM`` for extra VMs; all are destroyed at session end."""
+
+    class Factory:
+        def create(self, *, name: str | None = None, memory: int | None = None,
+                   vcpus: int | None = None, user_data: dict[str, Any] | None = None) -> Machine:
+            with _one_line_errors():
+                vm = _flightvm_core.create(VMRequest(
+                    name=name, memory=memory, vcpus=vcpus,
+                    user_data=(user_data,) if user_data else ()))
+            pytestconfig.hook.pytest_flightvm_vm_ready(vm=vm)
+            return vm
+
+        def destroy(self, vm: Machine) -> None:
+            _flightvm_core.discard(vm)
+
+    return Factory()
+
+
+def _pool(request: pytest.FixtureRequest, name: str) -> VMPool:
+    state = request.config.stash[_state_key]
+    pools: dict[str, VMPool] = state.setdefault("pools", {})
+    if name not in pools:
+        core: VMFactory = request.getfixturevalue("_flightvm_core")
+        hook = request.config.hook
+        pools[name] = VMPool(
+            core,
+            on_ready=lambda vm: hook.pytest_flightvm_vm_ready(vm=vm),
+            before_snapshot=lambda vm: hook.pytest_flightvm_before_snapshot(vm=vm),
+            after_revert=lambda vm: hook.pytest_flightvm_after_revert(vm=vm),
+            notice=_progress(request.config),
+        )
+    return pools[name]
+
+
+def _marker_overrides(request: pytest.FixtureRequest) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for mark in reversed(list(request.node.iter_markers("flightvm"))):
+        merged.update(mark.kwargs)
+    unknown = set(merged) - {"memory", "vcpus", "user_data", "reset"}
+    if unknown:
+        raise pytest.UsageError(f"flightvm marker: unknown argument(s) {sorted(unknown)}; "
+                                "use memory, vcpus, user_data or reset")
+    return merged
+
+
+def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[str, Any],
+               extra: dict[str, Any]) -> Iterator[Machine]:
+    settings: Settings = request.config.stash[_settings_key]
+    marks = _marker_overrides(request)
+    reset = marks.get("reset") or settings.reset
+    user_datas = tuple(u for u in (user_data, marks.get("user_data")) if u)
+    req = VMRequest(memory=marks.get("memory"), vcpus=marks.get("vcpus"),
+                    user_data=user_datas + extra.get("user_data", ()),
+                    seed_payload=extra.get("seed_payload", {}),
+                    ready_checks=extra.get("ready_checks", ()))
+    pool = _pool(request, pool_name)
+    with _one_line_errors():
+        vm = pool.acquire(req, reset)
+    request.node.stash.setdefault(_used_vms_key, []).append(vm)
+    yield vm
+    rep = getattr(request.node, "_flightvm_rep_call", None)
+    failed = bool(rep is not None and rep.failed) or vm.failed
+    keep = settings.keep == "always" or (settings.keep == "on-failure" and failed)
+    if keep and pool.current is vm:
+        pool.detach()
+        run: RunContext = request.config.stash[_run_key]
+        (run.run_dir / f"kept-{vm.name}.txt").write_text(pool.factory.keep(vm) + "\n")
+
+
+@pytest.fixture
+def flightvm(request: pytest.FixtureRequest, flightvm_user_data: dict[str, Any]) -> Iterator[Machine]:
+    """A ready VM, reset to its pristine state before each test; one per worker."""
+    yield from _pooled_vm(request, "flightvm", flightvm_user_data, {})
+
+
+@pytest.fixture
+def flightctl_vm(request: pytest.FixtureRequest, flightvm_settings: Settings,
+                 flightvm_user_data: dict[str, Any]) -> Iterator[Machine]:
+    """Like ``flightvm``, with the flightctl agent provisioned from the VM config dir."""
+    from . import flightctl
+
+    if flightvm_settings.vm_config is None:
+        raise pytest.UsageError("flightctl_vm needs a VM config dir: pass --flightvm-vm-config DIR "
+                                "or set VM_CONFIG_DIR")
+    try:
+        vm_config = flightctl.load_vm_config(flightvm_settings.vm_config)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"flightvm: {exc}") from None
+    fragment, payload = flightctl.flightctl_seed(vm_config)
+    extra = {"user_data": (fragment,), "seed_payload": payload,
+             "ready_checks": (flightctl.agent_ready,)}
+    yield from _pooled_vm(request, "flightctl", flightvm_user_data, extra)
+
+
+# ---------------------------------------------------------- reports, hooks
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
+    rep = yield
+    if rep.when == "call":
+        item._flightvm_rep_call = rep  # type: ignore[attr-defined]
+    if rep.failed:
+        for vm in item.stash.get(_used_vms_key, []):
+            rep.sections.append((f"flightvm console {vm.name}", vm.console_tail(40)))
+            extra = getattr(vm, "failure_detail", None)
+            if callable(extra):
+                text = extra()
+                if text:
+                    rep.sections.append((f"flightvm {vm.name}", text))
+    return rep
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    state = config.stash.get(_state_key, None)
+    if state is None:
+        return
+    for pool in state.get("pools", {}).values():
+        pool.close()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if _settings_key not in config.stash or not _is_controller(config):
+        return
+    settings = config.stash[_settings_key]
+    run = config.stash[_run_key]
+    state = config.stash[_state_key]
+    if not run.run_dir.exists():
+        return
+    summary = aggregate(run)
+    if not summary["resolves"] and not summary["vms"]:
+        return
+    tr = terminalreporter
+    tr.section("flightvm")
+    for res in summary["resolves"]:
+        if res["source"] != "local":
+            tr.write_line(f"image: source={res['source']} bytes={res['bytes']} "
+                          f"seconds={res['seconds']:.1f} digest={res['digest'][:19]}")
+    local_hits = sum(1 for r in summary["resolves"] if r["source"] == "local")
+    tr.write_line(f"image resolves: {summary['image_transfers']} transfer/build, "
+                  f"{local_hits} local hit(s)")
+    for vm in summary["vms"]:
+        reverts = vm.get("revert_seconds") or []
+        rev = f" reverts={len(reverts)} median={sorted(reverts)[len(reverts) // 2]:.1f}s" \
+            if reverts else ""
+        boot = vm.get("boot_seconds")
+        tr.write_line(f"vm {vm['name']}: accel={vm['accel']} boot_to_ready="
+                      f"{boot:.1f}s{rev}" if boot is not None else f"vm {vm['name']}: not ready")
+    for kept in run.run_dir.glob("kept-*.txt"):
+        tr.write_line(kept.read_text().rstrip())
+    if settings.metrics:
+        settings.metrics.parent.mkdir(parents=True, exist_ok=True)
+        settings.metrics.write_text(json.dumps(summary, indent=2, default=str))
+        tr.write_line(f"metrics written to {settings.metrics}")

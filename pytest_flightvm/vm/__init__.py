@@ -1,0 +1,1 @@
+"""VM lifecycle on libvirt: domain XML, overlays, readiness, SSH, reaping."""

@@ -1,0 +1,87 @@
+"""Choosing KVM or TCG, and remembering what worked on this host.
+
+On some hosts ``/dev/kvm`` exists and KVM_CREATE_VM succeeds, yet no guest
+makes progress (HOST-NOTES: QEMU aborts on an MSR, the guest pauses with a
+KVM internal error, or it spins silently). libvirt's capabilities still list
+``kvm``, so they prove nothing. ``auto`` therefore trusts only a verdict from
+a real guest: the first boot under ``auto`` tries KVM with a short progress
+watchdog, falls back to TCG with one notice line, and the verdict is stored
+per host and QEMU version so later runs decide instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+TCG_TIMEOUT_SCALE = 2.0
+KVM_PROGRESS_SECONDS = 30.0  # a KVM guest must print its kernel banner this fast
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accel: str  # "kvm" or "tcg"
+    reason: str
+    qemu: str
+    host: str
+    when: float
+
+
+def qemu_version(emulator: str = "qemu-system-x86_64") -> str:
+    try:
+        out = subprocess.run([emulator, "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    first = out.splitlines()[0] if out else "unknown"
+    return first.replace("QEMU emulator version", "").strip() or "unknown"
+
+
+def verdict_path(cache_dir: Path, qemu: str | None = None) -> Path:
+    qemu = qemu or qemu_version()
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{socket.gethostname()}-{qemu}")
+    return cache_dir / "accel" / f"{safe}.json"
+
+
+def load_verdict(cache_dir: Path) -> Verdict | None:
+    try:
+        data = json.loads(verdict_path(cache_dir).read_text())
+        return Verdict(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def save_verdict(cache_dir: Path, accel: str, reason: str) -> Verdict:
+    qemu = qemu_version()
+    verdict = Verdict(accel, reason, qemu, socket.gethostname(), time.time())
+    path = verdict_path(cache_dir, qemu)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(verdict.__dict__))
+    os.replace(tmp, path)
+    return verdict
+
+
+def kvm_device_usable() -> bool:
+    return os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def initial_choice(requested: str, cache_dir: Path) -> tuple[str, bool]:
+    """Return (accel to try first, whether this is an unproven KVM attempt)."""
+    if requested in ("kvm", "tcg"):
+        return requested, False
+    if not kvm_device_usable():
+        return "tcg", False
+    verdict = load_verdict(cache_dir)
+    if verdict is not None:
+        return verdict.accel, False
+    return "kvm", True
+
+
+def timeout_for(accel: str, base_timeout: float) -> float:
+    return base_timeout * (TCG_TIMEOUT_SCALE if accel == "tcg" else 1.0)

@@ -1,0 +1,176 @@
+"""libvirt domain XML for a flightvm guest, and the metadata the reaper reads.
+
+Choices that HOST-NOTES measured on this kind of host:
+- the seed ISO sits on a virtio-scsi cdrom (Debian's cloud kernel has no AHCI);
+- networking is QEMU user-mode with an SSH forward bound to 127.0.0.1, passed
+  through ``qemu:commandline`` with an explicit PCI slot (libvirt 9's passt
+  backend does not work here);
+- a static DAC label with ``relabel='no'`` makes QEMU run as root and keeps
+  libvirt from chowning the shared, read-only base behind our back.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+METADATA_NS = "https://flightvm.dev/xmlns/vm/1"
+METADATA_PREFIX = "flightvm"
+NAME_PREFIX = "flightvm-"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who owns a domain: enough for the reaper to tell dead runs from live ones."""
+
+    run_id: str
+    pid: int
+    pid_start: str  # /proc/<pid>/stat start time, so a reused pid is not mistaken
+    host: str
+    worker: str
+    run_dir: str
+
+    @classmethod
+    def current(cls, run_id: str, worker: str, run_dir: Path) -> Owner:
+        pid = os.getpid()
+        return cls(run_id, pid, process_start(pid) or "", socket.gethostname(), worker,
+                   str(run_dir))
+
+
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/pid/stat), or None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def random_mac() -> str:
+    return "52:54:00:%02x:%02x:%02x" % tuple(random.randrange(256) for _ in range(3))
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    overlay: Path
+    seed_iso: Path | None
+    console_log: Path
+    ssh_port: int
+    mac: str
+    owner: Owner
+    memory_mib: int = 1024
+    vcpus: int = 1
+    accel: str = "tcg"  # "kvm" or "tcg"
+    emulator: str = "/usr/bin/qemu-system-x86_64"
+    files: tuple[Path, ...] = field(default=())
+
+    def to_xml(self) -> str:
+        dom_type = "kvm" if self.accel == "kvm" else "qemu"
+        cpu = "<cpu mode='host-model'/>" if self.accel == "kvm" else ""
+        seed = ""
+        if self.seed_iso is not None:
+            seed = f"""
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <source file={quoteattr(str(self.seed_iso))}/>
+      <target dev='sda' bus='scsi'/>
+      <readonly/>
+    </disk>"""
+        files = "".join(f"<flightvm:file>{escape(str(p))}</flightvm:file>" for p in self.files)
+        o = self.owner
+        netdev = f"user,id=fvmnet0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
+        nic = f"virtio-net-pci,netdev=fvmnet0,mac={self.mac},bus=pcie.0,addr=0x10"
+        return f"""<domain type='{dom_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{escape(self.name)}</name>
+  <metadata>
+    <flightvm:vm xmlns:flightvm='{METADATA_NS}'>
+      <flightvm:run-id>{escape(o.run_id)}</flightvm:run-id>
+      <flightvm:owner-pid>{o.pid}</flightvm:owner-pid>
+      <flightvm:owner-start>{escape(o.pid_start)}</flightvm:owner-start>
+      <flightvm:owner-host>{escape(o.host)}</flightvm:owner-host>
+      <flightvm:worker>{escape(o.worker)}</flightvm:worker>
+      <flightvm:run-dir>{escape(o.run_dir)}</flightvm:run-dir>
+      <flightvm:ssh-port>{self.ssh_port}</flightvm:ssh-port>
+      {files}
+    </flightvm:vm>
+  </metadata>
+  <memory unit='MiB'>{self.memory_mib}</memory>
+  <vcpu>{self.vcpus}</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
+  <features><acpi/><apic/></features>
+  {cpu}
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{escape(self.emulator)}</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file={quoteattr(str(self.overlay))}/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='scsi' model='virtio-scsi'/>{seed}
+    <serial type='file'>
+      <source path={quoteattr(str(self.console_log))} append='on'/>
+      <target port='0'/>
+    </serial>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+    <memballoon model='none'/>
+  </devices>
+  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
+  <qemu:commandline>
+    <qemu:arg value='-netdev'/>
+    <qemu:arg value={quoteattr(netdev)}/>
+    <qemu:arg value='-device'/>
+    <qemu:arg value={quoteattr(nic)}/>
+  </qemu:commandline>
+</domain>
+"""
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """What the reaper learns from a domain's metadata."""
+
+    name: str
+    run_id: str
+    pid: int
+    pid_start: str
+    host: str
+    run_dir: str
+    files: tuple[str, ...]
+
+
+def parse_metadata(name: str, xml: str) -> DomainInfo | None:
+    """Read our metadata element; None when the domain is not one of ours."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    vm = root.find(f"{{{METADATA_NS}}}vm")
+    if vm is None:
+        vm = root.find(f"metadata/{{{METADATA_NS}}}vm")
+    if vm is None:
+        return None
+
+    def text(tag: str) -> str:
+        el = vm.find(f"{{{METADATA_NS}}}{tag}")
+        return (el.text or "").strip() if el is not None else ""
+
+    try:
+        pid = int(text("owner-pid"))
+    except ValueError:
+        return None
+    files = tuple((el.text or "").strip() for el in vm.findall(f"{{{METADATA_NS}}}file"))
+    return DomainInfo(name, text("run-id"), pid, text("owner-start"), text("owner-host"),
+                      text("run-dir"), files)

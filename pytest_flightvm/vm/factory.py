@@ -1,0 +1,229 @@
+"""Create, track and tear down the VMs of one test process.
+
+``VMFactory`` is the pytest-free core behind the ``flightvm``,
+``flightctl_vm`` and ``flightvm_factory`` fixtures: it names each VM, picks
+its port and MAC, renders its seed, boots it on an overlay of the base, and
+destroys everything it made at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import Settings
+from ..errors import ConfigError
+from ..seed.iso import write_iso
+from ..seed.render import SeedSpec, load_cloud_init_dir, render
+from . import accel as accel_mod
+from .domain import NAME_PREFIX, DomainSpec, Owner, random_mac
+from .libvirt_conn import connect
+from .machine import KVMUnusable, Machine, ReadyCheck
+from .ports import release_port, reserve_port
+from .reaper import KEPT_MARKER
+from .ssh import SSHClient, generate_keypair
+
+log = logging.getLogger("flightvm")
+
+USERNAME = "flightvm"
+
+
+def new_run_id() -> str:
+    """Short, sortable, unique: ``YYMMDDHHMMSS-xxxx``."""
+    return time.strftime("%y%m%d%H%M%S") + "-" + secrets.token_hex(2)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The run this process belongs to (shared by all xdist workers of one pytest run)."""
+
+    run_id: str
+    run_dir: Path
+    worker: str = "main"
+
+    @classmethod
+    def create(cls, settings: Settings, run_id: str, worker: str) -> RunContext:
+        run_dir = settings.runs_dir / run_id
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return cls(run_id, run_dir, worker)
+
+
+@dataclass(frozen=True)
+class VMRequest:
+    """Per-VM overrides on top of the settings."""
+
+    name: str | None = None
+    memory: int | None = None
+    vcpus: int | None = None
+    user_data: tuple[Mapping[str, Any], ...] = ()
+    seed_payload: Mapping[str, bytes] = field(default_factory=dict)
+    ready_checks: tuple[ReadyCheck, ...] = ()
+
+    def spec_key(self) -> tuple[Any, ...]:
+        """What makes two requests interchangeable for VM reuse."""
+        return (self.memory, self.vcpus, repr(self.user_data), sorted(self.seed_payload),
+                tuple(id(c) for c in self.ready_checks))
+
+
+UserDataHook = Callable[[str, dict[str, Any]], None]
+
+
+class VMFactory:
+    def __init__(
+        self,
+        settings: Settings,
+        base_image: Path,
+        run: RunContext,
+        *,
+        user_data_hook: UserDataHook | None = None,
+        notice: Callable[[str], None] = log.warning,
+    ) -> None:
+        self.settings = settings
+        self.base_image = base_image
+        self.run = run
+        self.user_data_hook = user_data_hook
+        self.notice = notice
+        self.machines: list[Machine] = []
+        self.booted: list[Machine] = []  # every VM that became ready, for metrics
+        self._counter = 0
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self.key_path, self.public_key = generate_keypair(run.run_dir / "ssh")
+
+    @property
+    def conn(self) -> Any:
+        if self._conn is None:
+            self._conn = connect(self.settings.libvirt_uri)
+        return self._conn
+
+    def _next_name(self) -> str:
+        with self._lock:
+            self._counter += 1
+            return f"{NAME_PREFIX}{self.run.run_id}-{self.run.worker}-{self._counter}"
+
+    def create(self, request: VMRequest | None = None) -> Machine:
+        """Boot a VM and wait until it is ready. Raises BootError with the console tail."""
+        request = request or VMRequest()
+        name = request.name or self._next_name()
+        if not name.startswith(NAME_PREFIX):
+            name = NAME_PREFIX + name
+        if len(name) > 63:
+            raise ConfigError(f"VM name {name!r} is longer than 63 characters; pass a shorter name")
+        accel, probation = accel_mod.initial_choice(self.settings.accel, self.settings.cache_dir)
+        try:
+            machine = self._boot(name, request, accel, probation)
+        except KVMUnusable as exc:
+            accel_mod.save_verdict(self.settings.cache_dir, "tcg", str(exc))
+            self.notice(f"flightvm: KVM cannot run guests on this host ({exc}); "
+                        "falling back to TCG (verdict remembered)")
+            machine = self._boot(name, request, "tcg", False)
+        if probation:
+            accel_mod.save_verdict(self.settings.cache_dir, "kvm", "a guest booted under KVM")
+        return machine
+
+    def _boot(self, name: str, request: VMRequest, accel: str, probation: bool) -> Machine:
+        vm_dir = self.run.run_dir / "vms" / name
+        shutil.rmtree(vm_dir, ignore_errors=True)
+        vm_dir.mkdir(parents=True, mode=0o700)
+        port = reserve_port(self.settings.runs_dir)
+        mac = random_mac()
+        iso = vm_dir / "seed.iso"
+        self._write_seed(name, mac, request, iso)
+        overlay = vm_dir / "overlay.qcow2"
+        console = vm_dir / "console.log"
+        spec = DomainSpec(
+            name=name, overlay=overlay, seed_iso=iso, console_log=console, ssh_port=port,
+            mac=mac, owner=Owner.current(self.run.run_id, self.run.worker, self.run.run_dir),
+            memory_mib=request.memory or self.settings.memory,
+            vcpus=request.vcpus or self.settings.vcpus, accel=accel,
+            files=(vm_dir,),
+        )
+        machine = Machine(
+            self.conn, spec, SSHClient(port, self.key_path, USERNAME),
+            base=self.base_image, vm_dir=vm_dir,
+            boot_timeout=accel_mod.timeout_for(accel, self.settings.boot_timeout),
+            ready_checks=request.ready_checks, stream_console=self.settings.console,
+        )
+        machine.kvm_probation = probation
+        self.machines.append(machine)
+        try:
+            machine.boot()
+        except KVMUnusable:
+            self.discard(machine, port=port)
+            raise
+        except BaseException:
+            if self.settings.keep == "never":
+                # keep the console log for the error report, drop the rest
+                self._keep_console(machine)
+            raise
+        self.booted.append(machine)
+        return machine
+
+    def _write_seed(self, name: str, mac: str, request: VMRequest, iso: Path) -> None:
+        if self.settings.cloud_init_dir is not None:
+            files = load_cloud_init_dir(self.settings.cloud_init_dir)
+            write_iso(files, iso)
+            return
+        overrides = [dict(u) for u in request.user_data]
+        if self.user_data_hook is not None:
+            extra: dict[str, Any] = {}
+            self.user_data_hook(name, extra)
+            if extra:
+                overrides.append(extra)
+        spec = SeedSpec(
+            instance_id=f"{name}-{uuid.uuid4().hex[:8]}",
+            hostname=name,
+            mac=mac,
+            username=USERNAME,
+            ssh_public_key=self.public_key,
+            user_data=tuple(overrides),
+        )
+        files = dict(render(spec))
+        files.update(request.seed_payload)
+        write_iso(files, iso)
+
+    def _keep_console(self, machine: Machine) -> None:
+        logs = self.run.run_dir / "consoles"
+        logs.mkdir(exist_ok=True)
+        try:
+            shutil.copy2(machine.spec.console_log, logs / f"{machine.name}.log")
+        except OSError:
+            pass
+
+    def discard(self, machine: Machine, *, port: int | None = None) -> None:
+        """Destroy one VM now and forget it."""
+        machine.destroy()
+        release_port(self.settings.runs_dir, port if port is not None else machine.ssh_port)
+        if machine in self.machines:
+            self.machines.remove(machine)
+
+    def keep(self, machine: Machine) -> str:
+        """Leave ``machine`` running; return how to reach and remove it."""
+        if machine in self.machines:
+            self.machines.remove(machine)
+        machine.ssh.close()
+        (machine.vm_dir / KEPT_MARKER).write_text(f"{time.time()}\n")
+        return (f"flightvm: kept VM {machine.name}\n"
+                f"  ssh:     {machine.ssh_command()}\n"
+                f"  console: virsh -c {self.settings.libvirt_uri} console {machine.name}"
+                f"  (log: {machine.spec.console_log})\n"
+                f"  remove:  flightvm gc --name {machine.name}")
+
+    def close(self) -> None:
+        for machine in list(self.machines):
+            self.discard(machine)
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - closing a dead connection
+                pass
+            self._conn = None
+

@@ -1,0 +1,261 @@
+"""One guest: overlay + seed + libvirt domain, its readiness, and the VM API.
+
+``Machine`` knows nothing of pytest. It owns its files (overlay, seed ISO,
+console log) under ``vm_dir`` and removes them in ``destroy``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import BootError, FlightVMError, GuestCommandError, LibvirtError
+from .accel import KVM_PROGRESS_SECONDS
+from .domain import DomainSpec
+from .libvirt_conn import error_text
+from .ready import ConsoleWatcher, Probe, console_tail, wait_until_ready
+from .ssh import CommandResult, SSHClient, require_tool
+
+log = logging.getLogger("flightvm")
+
+# libvirt virDomainState values
+_STATE_NAMES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
+                5: "shut off", 6: "crashed", 7: "suspended by guest power management"}
+
+
+def create_overlay(base: Path, overlay: Path) -> None:
+    """``qemu-img create -f qcow2 -F qcow2 -b BASE OVERLAY``: the base is never written."""
+    require_tool("qemu-img", "qemu-utils")
+    overlay.parent.mkdir(parents=True, exist_ok=True)
+    overlay.unlink(missing_ok=True)
+    proc = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise FlightVMError(f"qemu-img could not create overlay {overlay}: "
+                            f"{proc.stderr.strip().splitlines()[-1:]}")
+    overlay.chmod(0o600)
+
+
+class KVMUnusable(BootError):
+    """KVM accepted the VM but the guest cannot run on it."""
+
+
+ReadyCheck = Callable[["Machine"], bool]
+
+
+class Machine:
+    """A running (or about to run) guest."""
+
+    def __init__(
+        self,
+        conn: Any,
+        spec: DomainSpec,
+        ssh: SSHClient,
+        *,
+        base: Path,
+        vm_dir: Path,
+        boot_timeout: float,
+        ready_checks: tuple[ReadyCheck, ...] = (),
+        stream_console: bool = False,
+    ) -> None:
+        self.conn = conn
+        self.spec = spec
+        self.ssh = ssh
+        self.base = base
+        self.vm_dir = vm_dir
+        self.boot_timeout = boot_timeout
+        self.ready_checks = ready_checks
+        self.stream_console = stream_console
+        self.dom: Any = None
+        self.boot_seconds: float | None = None
+        self.revert_seconds: list[float] = []
+        self._streamer: threading.Thread | None = None
+        self._stop_stream = threading.Event()
+        self.failed = False
+        # True while KVM is unproven on this host: a stall means "KVM unusable".
+        self.kvm_probation = False
+        self._started_at = 0.0
+
+    # ---------------------------------------------------------------- identity
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def ssh_port(self) -> int:
+        return self.spec.ssh_port
+
+    @property
+    def accel(self) -> str:
+        return self.spec.accel
+
+    def ssh_command(self) -> str:
+        return self.ssh.command()
+
+    def console_log(self) -> str:
+        try:
+            return self.spec.console_log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def console_tail(self, lines: int = 30) -> str:
+        return console_tail(self.spec.console_log, lines)
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.name} ssh=127.0.0.1:{self.ssh_port} accel={self.accel}>"
+
+    # --------------------------------------------------------------- lifecycle
+    def boot(self) -> float:
+        """Create the overlay, define and start the domain, wait for ready."""
+        import libvirt
+
+        create_overlay(self.base, self.spec.overlay)
+        self.spec.console_log.touch(mode=0o600)
+        watcher = ConsoleWatcher(self.spec.console_log)
+        self._started_at = time.monotonic()
+        try:
+            self.dom = self.conn.defineXML(self.spec.to_xml())
+            self.dom.create()
+        except libvirt.libvirtError as exc:
+            if self.kvm_probation:
+                raise KVMUnusable(f"KVM refused to start a guest: {error_text(exc)}") from None
+            raise LibvirtError(f"libvirt could not start {self.name}: {error_text(exc)}") from None
+        if self.stream_console:
+            self._start_streaming()
+        self.boot_seconds = self.wait_ready(watcher=watcher)
+        return self.boot_seconds
+
+    def wait_ready(self, *, timeout: float | None = None,
+                   watcher: ConsoleWatcher | None = None) -> float:
+        probe = Probe(domain_state=self._domain_problem, guest_ready=self._guest_ready)
+        try:
+            return wait_until_ready(self.name, self.spec.console_log, probe,
+                                    timeout=timeout or self.boot_timeout, watcher=watcher)
+        except BootError as exc:
+            self.failed = True
+            if self.kvm_probation and self._kvm_stalled(str(exc)):
+                raise KVMUnusable(str(exc), detail=exc.detail) from None
+            raise
+
+    def _kvm_stalled(self, reason: str) -> bool:
+        """Under KVM probation: did the guest die or stall rather than fail on its own?"""
+        return "domain is" in reason or "vanished" in reason or "no progress" in reason
+
+    def _domain_problem(self) -> str | None:
+        import libvirt
+
+        try:
+            state, reason = self.dom.state()
+        except libvirt.libvirtError as exc:
+            return f"domain vanished ({error_text(exc)})"
+        if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
+            if (self.kvm_probation
+                    and time.monotonic() - self._started_at > KVM_PROGRESS_SECONDS
+                    and "Linux version" not in self.console_log()):
+                return f"KVM guest made no progress in {KVM_PROGRESS_SECONDS:.0f}s"
+            return None
+        return f"domain is {_STATE_NAMES.get(state, state)} (reason {reason})"
+
+    def _guest_ready(self) -> bool:
+        res = self.ssh.run("cloud-init status", check=False, timeout=20, connect_timeout=3)
+        if res.returncode == 255:  # ssh itself failed: not up yet
+            return False
+        status = res.stdout.strip()
+        if "error" in status:
+            detail = self.ssh.run("cloud-init status --long; sudo tail -n 20 /var/log/cloud-init-output.log",
+                                  check=False, timeout=20).stdout
+            raise BootError(f"VM {self.name}: cloud-init reported an error ({status})",
+                            detail=detail)
+        if "done" not in status:
+            return False
+        return all(check(self) for check in self.ready_checks)
+
+    def reboot(self) -> float:
+        """Reboot the guest and wait until it is ready again."""
+        boot_id = self.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+        self.ssh.run("sudo systemctl reboot", check=False, timeout=15)
+        self.ssh.close()
+        deadline = time.monotonic() + self.boot_timeout
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            res = self.ssh.run("cat /proc/sys/kernel/random/boot_id", check=False, timeout=10,
+                               connect_timeout=3)
+            if res.returncode == 0 and res.stdout.strip() != boot_id:
+                break
+        return self.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+
+    def destroy(self, *, remove_files: bool = True) -> None:
+        """Stop and undefine the domain, then delete its overlay, seed and console."""
+        import libvirt
+
+        self._stop_stream.set()
+        self.ssh.cleanup()
+        if self.dom is not None:
+            for op in ("destroy", "undefine"):
+                try:
+                    if op == "destroy" and not self.dom.isActive():
+                        continue
+                    if op == "undefine":
+                        self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+                    else:
+                        self.dom.destroy()
+                except libvirt.libvirtError as exc:
+                    log.debug("flightvm: %s %s: %s", op, self.name, error_text(exc))
+        if remove_files:
+            shutil.rmtree(self.vm_dir, ignore_errors=True)
+
+    # ----------------------------------------------------------------- VM API
+    def run(self, cmd: str, *, check: bool = True, timeout: float | None = 120) -> CommandResult:
+        return self.ssh.run(cmd, check=check, timeout=timeout)
+
+    def sudo(self, cmd: str, *, check: bool = True, timeout: float | None = 120) -> CommandResult:
+        return self.ssh.run(f"sudo sh -c {shlex.quote(cmd)}", check=check, timeout=timeout)
+
+    def put(self, local: Path | str, remote: str, *, mode: int | None = None) -> None:
+        self.ssh.put(Path(local), remote, mode=mode)
+
+    def get(self, remote: str, local: Path | str) -> Path:
+        return self.ssh.get(remote, Path(local))
+
+    def wait_for(self, cmd: str, *, timeout: float = 60, interval: float = 1) -> CommandResult:
+        """Re-run ``cmd`` until it succeeds or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            res = self.run(cmd, check=False)
+            if res.ok or time.monotonic() > deadline:
+                if not res.ok:
+                    raise GuestCommandError(cmd, res.returncode, res.stdout, res.stderr)
+                return res
+            time.sleep(interval)
+
+    # ---------------------------------------------------------- live console
+    def _start_streaming(self) -> None:
+        import sys
+
+        def follow() -> None:
+            pos = 0
+            while not self._stop_stream.is_set():
+                try:
+                    with open(self.spec.console_log, "rb") as f:
+                        f.seek(pos)
+                        chunk = f.read()
+                except OSError:
+                    chunk = b""
+                if chunk:
+                    pos += len(chunk)
+                    for line in chunk.decode(errors="replace").splitlines():
+                        sys.stderr.write(f"[{self.name}] {line}\n")
+                    sys.stderr.flush()
+                self._stop_stream.wait(0.5)
+
+        self._streamer = threading.Thread(target=follow, name=f"console-{self.name}", daemon=True)
+        self._streamer.start()

@@ -1,0 +1,111 @@
+"""Readiness as a race: success (cloud-init done, SSH answers, extra checks)
+against failure (console patterns, a paused or dead domain, the deadline).
+
+A failed boot ends as soon as it is recognised, with the console tail in
+the error; it never waits out the full timeout.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BootError
+
+# Console lines that mean the guest will never become ready.
+FAILURE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("kernel panic", re.compile(r"Kernel panic - not syncing")),
+    ("emergency mode", re.compile(r"You are in emergency mode|Entering emergency mode")),
+    ("rescue mode", re.compile(r"You are in rescue mode")),
+    ("initramfs shell", re.compile(r"\(initramfs\)|Dropping to a shell|dracut-emergency")),
+    ("cloud-init crashed", re.compile(r"Failed to start .*[Cc]loud-init|cloud-init\[\d+\]:.*Traceback")),
+    ("flightvm setup step failed", re.compile(r"flightvm-setup: step \S+ .*FAILED")),
+)
+
+TAIL_LINES = 30
+
+
+def console_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    text = data.replace("\r", "")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class ConsoleWatcher:
+    """Reads a console log incrementally and reports the first failure pattern."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+        self._carry = ""
+
+    def scan(self) -> str | None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return None
+        self.offset += len(chunk)
+        text = self._carry + chunk.decode(errors="replace")
+        lines = text.split("\n")
+        self._carry = lines[-1][-4096:]
+        for line in lines:
+            for label, pattern in FAILURE_PATTERNS:
+                if pattern.search(line):
+                    return f"{label}: {line.strip()[:200]}"
+        return None
+
+
+@dataclass
+class Probe:
+    """One way to look at the guest; returns None while undecided."""
+
+    domain_state: Callable[[], str | None]  # None = running fine, else a failure description
+    guest_ready: Callable[[], bool]  # True once ready; may raise BootError
+
+
+def wait_until_ready(
+    name: str,
+    console: Path,
+    probe: Probe,
+    *,
+    timeout: float,
+    interval: float = 1.0,
+    watcher: ConsoleWatcher | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> float:
+    """Block until ready; return the seconds it took. Raise BootError on failure."""
+    start = clock()
+    deadline = start + timeout
+    watcher = watcher or ConsoleWatcher(console)
+
+    def fail(reason: str) -> BootError:
+        tail = console_tail(console)
+        last = tail.splitlines()[-1].strip() if tail else "no console output"
+        return BootError(f"VM {name} failed to boot: {reason} (last console line: {last!r})",
+                         detail=tail)
+
+    while True:
+        hit = watcher.scan()
+        if hit:
+            raise fail(hit)
+        state = probe.domain_state()
+        if state:
+            raise fail(state)
+        if probe.guest_ready():
+            return clock() - start
+        if clock() > deadline:
+            raise fail(f"not ready after {timeout:.0f}s")
+        time.sleep(interval)
