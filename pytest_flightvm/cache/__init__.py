@@ -1,0 +1,62 @@
+"""Image cache: key -> local store -> OCI registry -> build (+ push).
+
+A pytest-free library; ``plugin.py`` and ``cli.py`` use :func:`resolve_image`
+and the helpers below.
+"""
+
+from __future__ import annotations
+
+from .build import Builder, CommandBuilder, builder_for, check_qcow2, default_builder
+from .key import CacheKey, compute_key, git_commit, git_short, tags_for, tree_is_clean
+from .registry import (
+    LAYER_MEDIA_TYPE,
+    LAYER_MEDIA_TYPE_ZSTD,
+    Credentials,
+    FlightRegistry,
+    PullResult,
+    PushResult,
+    Reference,
+    find_credentials,
+)
+from .resolve import (
+    ResolvedImage,
+    cache_image,
+    list_images,
+    pull_tag,
+    push_file,
+    resolve_image,
+    run_id,
+)
+from .store import BlobWriter, Store, StoreEntry
+
+__all__ = [
+    "LAYER_MEDIA_TYPE",
+    "LAYER_MEDIA_TYPE_ZSTD",
+    "BlobWriter",
+    "Builder",
+    "CacheKey",
+    "CommandBuilder",
+    "Credentials",
+    "FlightRegistry",
+    "PullResult",
+    "PushResult",
+    "Reference",
+    "ResolvedImage",
+    "Store",
+    "StoreEntry",
+    "builder_for",
+    "cache_image",
+    "check_qcow2",
+    "compute_key",
+    "default_builder",
+    "find_credentials",
+    "git_commit",
+    "git_short",
+    "list_images",
+    "pull_tag",
+    "push_file",
+    "resolve_image",
+    "run_id",
+    "tags_for",
+    "tree_is_clean",
+]

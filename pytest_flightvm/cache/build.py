@@ -1,0 +1,131 @@
+"""Builders: what makes the base qcow2 when neither the store nor the registry has it.
+
+A builder has an ``identity`` (hashed into the cache key: change it and the
+key changes) and ``build(output, *, log)`` which writes a qcow2 to ``output``.
+A builder may also accept ``key=`` (the hex cache key); resolve passes it when
+the signature has it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from ..errors import BuildError, ConfigError
+
+QCOW2_MAGIC = b"QFI\xfb"
+Log = Callable[[str], None]
+
+
+@runtime_checkable
+class Builder(Protocol):
+    @property
+    def identity(self) -> str: ...
+
+    def build(self, output: Path, *, log: Log) -> None: ...
+
+
+def check_qcow2(path: Path, what: str = "the build") -> None:
+    """BuildError unless ``path`` exists and starts with the qcow2 magic."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise BuildError(f"{what} wrote no file at {path}") from None
+    except OSError as exc:
+        raise BuildError(f"cannot read the output of {what} at {path}: {exc.strerror}") from None
+    if magic != QCOW2_MAGIC:
+        raise BuildError(
+            f"{what} produced {path}, which is not a qcow2 (bad magic {magic!r}); "
+            "convert it with `qemu-img convert -O qcow2`"
+        )
+
+
+class CommandBuilder:
+    """Runs ``sh -c CMD`` with ``FLIGHTVM_OUTPUT`` (where to write the qcow2) and
+    ``FLIGHTVM_KEY`` (the hex cache key, when known) in the environment."""
+
+    def __init__(self, cmd: str, *, cwd: Path | None = None, timeout: float | None = None):
+        if not cmd.strip():
+            raise ConfigError("--flightvm-build-cmd is empty; give a command that writes "
+                              "a qcow2 to $FLIGHTVM_OUTPUT")
+        self.cmd = cmd
+        self.cwd = cwd
+        self.timeout = timeout
+
+    @property
+    def identity(self) -> str:
+        return "cmd:" + self.cmd
+
+    def __repr__(self) -> str:
+        return f"CommandBuilder({self.cmd!r})"
+
+    def build(self, output: Path, *, log: Log, key: str | None = None) -> None:
+        env = dict(os.environ, FLIGHTVM_OUTPUT=str(output))
+        if key:
+            env["FLIGHTVM_KEY"] = key
+        tail: collections.deque[str] = collections.deque(maxlen=20)
+        start = last = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                ["sh", "-c", self.cmd], cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        except OSError as exc:
+            raise BuildError(f"cannot run the build command: {exc.strerror}") from None
+        assert proc.stdout is not None
+        try:
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace").rstrip()
+                if line:
+                    tail.append(line)
+                now = time.monotonic()
+                if now - last >= 2.0 and line:
+                    last = now
+                    log(f"building base image ({now - start:.0f} s): {line[:160]}")
+                if self.timeout and now - start > self.timeout:
+                    raise BuildError(f"the build command ran over {self.timeout:g} s; stopped it")
+            proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            raise
+        if proc.returncode != 0:
+            raise BuildError(
+                f"the build command exited {proc.returncode}"
+                + (f" ({tail[-1][:200]})" if tail else "")
+                + f": {self.cmd}",
+                detail="\n".join(tail),
+            )
+        check_qcow2(output, "the build command")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.wait()
+
+
+def default_builder() -> Builder:
+    """The built-in Debian builder (imported lazily)."""
+    try:
+        from ..builders.debian import DebianBuilder
+    except ImportError as exc:
+        raise BuildError(
+            f"no builder available: the built-in Debian builder cannot be loaded ({exc}); "
+            "set --flightvm-build-cmd or --flightvm-image"
+        ) from None
+    builder: Builder = DebianBuilder()
+    return builder
+
+
+def builder_for(build_cmd: str | None, rootdir: Path | None = None) -> Builder:
+    """``CommandBuilder(build_cmd)`` when set, else the default builder."""
+    return CommandBuilder(build_cmd, cwd=rootdir) if build_cmd else default_builder()

@@ -1,0 +1,408 @@
+"""Resolve the base image: local store -> registry -> build (+ push).
+
+All of it happens under one file lock per key, so N processes (pytest-xdist
+workers) resolving the same key cause exactly one pull or build; the others
+wait and then get a local hit on the same read-only store blob.
+
+Decisions worth knowing:
+
+* A local hit makes **no** registry request: the key is content-addressed, so
+  a blob stored under it is authoritative.
+* ``settings.rebuild`` ignores caches, but only once per run: a build made by
+  the same run (same ``PYTEST_XDIST_TESTRUNUID``, or the same pid outside
+  xdist) counts as a hit, so N workers still cause one build.
+* A down, stalled or corrupt registry, or a missing artifact, falls back to a
+  build with a one-line message; wrong credentials are an error (fix them).
+* A failed push after a build is a one-line warning, not an error.
+* ``settings.image`` pins the base: a local qcow2 path is copied into the
+  store (once, while the file is unchanged); a registry reference is pulled
+  (by digest: once; by tag: one HEAD request to notice a moved tag).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import re
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import Timeout
+
+from ..config import Settings
+from ..errors import (
+    ArtifactNotFound,
+    BuildError,
+    ConfigError,
+    FlightVMError,
+    RegistryAuthError,
+    RegistryUnavailable,
+)
+from .build import Builder, builder_for, check_qcow2
+from .key import CacheKey, compute_key, git_commit, tags_for
+from .registry import FlightRegistry, PushResult, Reference
+from .store import Store, StoreEntry
+
+logger = logging.getLogger("flightvm.cache")
+Log = Callable[[str], None]
+SOURCES = ("local", "registry", "build")
+
+
+def _default_log(msg: str) -> None:
+    logger.info("%s", msg)
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """The base image a run uses. ``path`` is the read-only store blob (never copied)."""
+
+    path: Path
+    digest: str  # sha256:<hex> of the qcow2
+    key: str  # hex cache key ("" when pinned with settings.image)
+    tags: tuple[str, ...]
+    source: str  # "local" | "registry" | "build"
+    seconds: float
+    bytes_moved: int  # bytes pulled, or pushed after a build (0 for a local hit)
+    arch: str
+
+
+def run_id() -> str:
+    """Shared by all workers of one pytest-xdist run; the pid otherwise."""
+    return os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def _locked(store: Store, name: str, log: Log, what: str) -> Iterator[None]:
+    lock = store.lock(name)
+    try:
+        lock.acquire(timeout=2)
+    except Timeout:
+        log(f"flightvm: waiting for another process resolving {what}")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _record(record: Path | None, image: ResolvedImage) -> None:
+    if record is None:
+        return
+    line = json.dumps({
+        "pid": os.getpid(), "source": image.source, "key": image.key, "digest": image.digest,
+        "bytes": image.bytes_moved, "seconds": round(image.seconds, 4), "ts": time.time(),
+    }) + "\n"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def _call_build(builder: Builder, output: Path, log: Log, key: str) -> None:
+    try:
+        params = inspect.signature(builder.build).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    kwargs: dict[str, Any] = {"log": log}
+    if "key" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs["key"] = key
+    try:
+        builder.build(output, **kwargs)
+    except FlightVMError:
+        raise
+    except Exception as exc:
+        raise BuildError(
+            f"the builder {builder.identity!r} failed: {type(exc).__name__}: {exc}",
+            detail=traceback.format_exc(),
+        ) from None
+
+
+def resolve_image(
+    settings: Settings,
+    builder: Builder | None = None,
+    *,
+    record: Path | None = None,
+    log: Log = _default_log,
+    run: str | None = None,
+) -> ResolvedImage:
+    """Resolve the base image for ``settings`` (see the module docstring)."""
+    start = time.monotonic()
+    store = Store(settings.store_dir)
+    if settings.image:
+        image = _resolve_pinned(settings, store, log, start)
+    else:
+        image = _resolve_key(settings, store, builder, log, start, run or run_id())
+    _record(record, image)
+    return image
+
+
+def _registry(settings: Settings, repository: str | None = None) -> FlightRegistry | None:
+    repo = repository or settings.registry
+    if not repo or settings.offline:
+        return None
+    return FlightRegistry(repo, plain_http=settings.plain_http)
+
+
+def _resolve_key(
+    settings: Settings, store: Store, builder: Builder | None, log: Log, start: float, run: str
+) -> ResolvedImage:
+    builder = builder or builder_for(settings.build_cmd, settings.rootdir)
+    key = compute_key(builder.identity, settings.build_inputs, settings.rootdir, settings.arch)
+    tags = tuple(tags_for(settings.tag_prefix, key, settings.arch, settings.rootdir))
+    ref_name = f"key/{key.digest}"
+
+    def done(digest: str, source: str, moved: int) -> ResolvedImage:
+        return ResolvedImage(store.blob_path(digest), digest, key.digest, tags, source,
+                             time.monotonic() - start, moved, settings.arch)
+
+    with _locked(store, f"key-{key.digest}", log, f"base image {key.short}"):
+        info = store.ref_info(ref_name)
+        fresh = info is not None and info.get("source") == "build" and info.get("run") == run
+        if info is not None and (not settings.rebuild or fresh):
+            if store.has(info["digest"]):
+                return done(info["digest"], "local", 0)
+            log(f"flightvm: the stored base image {info['digest'][:19]} is damaged or gone; "
+                "fetching it again")
+            store.delete_ref(ref_name)
+
+        registry = _registry(settings)
+        if registry is not None and not settings.rebuild:
+            try:
+                pulled = registry.pull_disk(tags[0], store, arch=settings.arch, key=key.digest,
+                                            log=log)
+            except RegistryAuthError:
+                raise
+            except ArtifactNotFound as exc:
+                log(f"flightvm: no cached base image in the registry ({exc}); building it")
+            except RegistryUnavailable as exc:
+                log(f"flightvm: warning: {exc}; building the base image locally")
+                registry = None
+            except FlightVMError as exc:
+                log(f"flightvm: warning: registry pull failed ({exc}); building locally")
+            else:
+                store.set_ref(ref_name, pulled.digest, source="registry", run=run,
+                              manifest=pulled.manifest_digest, tags=list(tags))
+                return done(pulled.digest, "registry", pulled.bytes)
+
+        digest = _build(store, builder, key, log)
+        store.set_ref(ref_name, digest, source="build", run=run, tags=list(tags),
+                      builder=builder.identity)
+        moved = 0
+        if settings.push and registry is not None:
+            result = _try_push(registry, store, digest, tags, key, settings, log)
+            moved = result.bytes if result else 0
+        return done(digest, "build", moved)
+
+
+def _build(store: Store, builder: Builder, key: CacheKey, log: Log) -> str:
+    out = store.tmp_path(".qcow2")
+    log(f"flightvm: building the base image (key {key.short}) with {builder.identity[:80]}")
+    started = time.monotonic()
+    try:
+        _call_build(builder, out, log, key.digest)
+        check_qcow2(out, f"the builder {builder.identity[:60]!r}")
+        digest = store.import_file(out, move=True)
+    finally:
+        with contextlib.suppress(OSError):
+            out.unlink()
+    log(f"flightvm: built the base image {digest[:19]} in {time.monotonic() - started:.0f} s")
+    return digest
+
+
+def _try_push(
+    registry: FlightRegistry, store: Store, digest: str, tags: Sequence[str], key: CacheKey,
+    settings: Settings, log: Log,
+) -> PushResult | None:
+    try:
+        result = registry.push_disk(
+            store.blob_path(digest), tags, arch=settings.arch, key=key.digest,
+            git_commit=git_commit(settings.rootdir), compress=settings.compress, digest=digest,
+            log=log,
+        )
+    except FlightVMError as exc:
+        log(f"flightvm: warning: pushing the base image failed ({exc}); the local copy is used")
+        return None
+    log(f"flightvm: pushed the base image to {registry.ref.name} as {', '.join(tags)}")
+    return result
+
+
+# -- pinned images -----------------------------------------------------------------
+
+
+def _looks_like_path(image: str, rootdir: Path) -> Path | None:
+    candidate = Path(os.path.expanduser(image))
+    if not candidate.is_absolute():
+        candidate = rootdir / candidate
+    if candidate.exists():
+        return candidate
+    if image.startswith(("/", "./", "../", "~")) or image.endswith((".qcow2", ".img")):
+        raise ConfigError(f"--flightvm-image {image}: no such file")
+    return None
+
+
+def _resolve_pinned(settings: Settings, store: Store, log: Log, start: float) -> ResolvedImage:
+    image = settings.image
+    assert image
+    path = _looks_like_path(image, settings.rootdir)
+    if path is not None:
+        return _pinned_path(settings, store, path, log, start)
+    ref = Reference.parse(image, "--flightvm-image")
+    if not (ref.tag or ref.digest):
+        raise ConfigError(f"--flightvm-image {image}: give a tag or @sha256 digest")
+    return _pinned_ref(settings, store, ref, log, start)
+
+
+def _pinned_path(
+    settings: Settings, store: Store, path: Path, log: Log, start: float
+) -> ResolvedImage:
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"--flightvm-image {path}: not a file")
+    ref_name = "path/" + hashlib.sha256(str(path).encode()).hexdigest()[:32]
+    with _locked(store, ref_name.replace("/", "-"), log, str(path)):
+        st = path.stat()
+        fingerprint = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        info = store.ref_info(ref_name)
+        if info and info.get("src") == fingerprint and store.has(info["digest"]):
+            digest = str(info["digest"])
+        else:
+            try:
+                check_qcow2(path, f"--flightvm-image {path}")
+            except BuildError as exc:
+                raise ConfigError(str(exc)) from None
+            digest = store.import_file(path)
+            store.set_ref(ref_name, digest, src=fingerprint, path=str(path))
+    return ResolvedImage(store.blob_path(digest), digest, "", (str(path),), "local",
+                         time.monotonic() - start, 0, settings.arch)
+
+
+def _pin_ref_name(ref: Reference) -> str:
+    raw = f"pin/{ref.host}/{ref.repository}/{ref.digest or ref.tag}"
+    return re.sub(r"[^A-Za-z0-9_.:@+/-]", "_", raw)
+
+
+def _pinned_ref(
+    settings: Settings, store: Store, ref: Reference, log: Log, start: float
+) -> ResolvedImage:
+    ref_name = _pin_ref_name(ref)
+
+    def done(digest: str, source: str, moved: int) -> ResolvedImage:
+        return ResolvedImage(store.blob_path(digest), digest, "", (str(ref),), source,
+                             time.monotonic() - start, moved, settings.arch)
+
+    with _locked(store, "pin-" + hashlib.sha256(str(ref).encode()).hexdigest()[:32], log,
+                 str(ref)):
+        info = store.ref_info(ref_name)
+        local = info if info and store.has(info["digest"]) else None
+        if local and ref.digest:
+            return done(local["digest"], "local", 0)
+        if settings.offline:
+            if local:
+                return done(local["digest"], "local", 0)
+            raise ConfigError(f"--flightvm-image {ref}: not in the local store and offline")
+        registry = FlightRegistry(ref.name, plain_http=settings.plain_http)
+        if local:
+            try:
+                current = registry.manifest_digest(ref.reference)
+            except RegistryUnavailable as exc:
+                log(f"flightvm: warning: {exc}; using the stored copy of {ref}")
+                return done(local["digest"], "local", 0)
+            if current and current == local.get("manifest"):
+                return done(local["digest"], "local", 0)
+        pulled = registry.pull_disk(ref.reference, store, arch=settings.arch, log=log)
+        store.set_ref(ref_name, pulled.digest, manifest=pulled.manifest_digest, source="registry")
+        return done(pulled.digest, "registry", pulled.bytes)
+
+
+# -- helpers for the CLI ------------------------------------------------------------------
+
+
+def pull_tag(
+    settings: Settings, tag: str | None = None, *, log: Log = _default_log,
+    record: Path | None = None,
+) -> ResolvedImage:
+    """``flightvm cache pull [TAG]``: pull ``<registry>:<tag>`` (default
+    ``<prefix>-latest``; flightvm artifact or seed container layout) into the store."""
+    if not settings.registry:
+        raise ConfigError("no registry configured; set --registry or FLIGHTVM_REGISTRY")
+    base = Reference.parse(settings.registry, "registry")
+    tag = tag or f"{settings.tag_prefix}-latest"
+    ref = Reference(base.host, base.repository, None if tag.startswith("sha256:") else tag,
+                    tag if tag.startswith("sha256:") else None)
+    image = _pinned_ref(settings.replace(offline=False), Store(settings.store_dir), ref, log,
+                        time.monotonic())
+    Store(settings.store_dir).set_ref(f"tag/{_safe(tag)}", image.digest, ref=str(ref))
+    _record(record, image)
+    return image
+
+
+def push_file(
+    settings: Settings, path: Path, tags: Sequence[str], *, key: str | None = None,
+    log: Log = _default_log,
+) -> PushResult:
+    """``flightvm cache push FILE [TAG...]``: push a qcow2 as an OCI artifact."""
+    registry = _registry(settings.replace(offline=False))
+    if registry is None:
+        raise ConfigError("no registry configured; set --registry or FLIGHTVM_REGISTRY")
+    try:
+        check_qcow2(Path(path), str(path))
+    except BuildError as exc:
+        raise ConfigError(str(exc)) from None
+    tags = list(tags) or [f"{settings.tag_prefix}-latest"]
+    return registry.push_disk(Path(path), tags, arch=settings.arch, key=key,
+                              git_commit=git_commit(settings.rootdir),
+                              compress=settings.compress, log=log)
+
+
+def cache_image(
+    settings: Settings, file: Path | None = None, builder: Builder | None = None, *,
+    log: Log = _default_log,
+) -> tuple[ResolvedImage, PushResult]:
+    """``flightvm cache cache [FILE]``: push the base under ``<prefix>-<key>-<arch>``,
+    ``<prefix>-<git short>`` and, from a clean tree, ``<prefix>-latest``. Without FILE the
+    base is resolved first (local store, else build)."""
+    registry = _registry(settings.replace(offline=False))
+    if registry is None:
+        raise ConfigError("no registry configured; set --registry or FLIGHTVM_REGISTRY")
+    builder = builder or builder_for(settings.build_cmd, settings.rootdir)
+    start = time.monotonic()
+    store = Store(settings.store_dir)
+    key = compute_key(builder.identity, settings.build_inputs, settings.rootdir, settings.arch)
+    tags = tuple(tags_for(settings.tag_prefix, key, settings.arch, settings.rootdir))
+    if file is not None:
+        try:
+            check_qcow2(Path(file), str(file))
+        except BuildError as exc:
+            raise ConfigError(str(exc)) from None
+        with _locked(store, f"key-{key.digest}", log, f"base image {key.short}"):
+            digest = store.import_file(Path(file))
+            store.set_ref(f"key/{key.digest}", digest, source="import", tags=list(tags))
+        image = ResolvedImage(store.blob_path(digest), digest, key.digest, tags, "local",
+                              time.monotonic() - start, 0, settings.arch)
+    else:
+        image = resolve_image(settings.replace(push=False, offline=True), builder, log=log)
+    result = registry.push_disk(image.path, tags, arch=settings.arch, key=key.digest,
+                                git_commit=git_commit(settings.rootdir),
+                                compress=settings.compress, digest=image.digest, log=log)
+    return image, result
+
+
+def list_images(settings: Settings) -> tuple[list[StoreEntry], list[str] | None]:
+    """``flightvm cache ls``: local store entries, and registry tags (None offline/unset)."""
+    store = Store(settings.store_dir)
+    registry = _registry(settings)
+    return store.ls(), (registry.tags() if registry else None)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.:@+-]", "_", name)

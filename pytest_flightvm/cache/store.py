@@ -1,0 +1,399 @@
+"""Content-addressed local store.
+
+Layout under ``settings.store_dir``::
+
+    blobs/sha256/<hex>       the content, mode 0444, only ever created by os.replace
+    meta/sha256/<hex>.json   stat fingerprint recorded when the blob was last verified
+    refs/<name>              JSON {"digest": "sha256:...", ...}: key/<hex>, tag/<tag>, ...
+    locks/<name>.lock        one filelock per key (released by the kernel on kill -9)
+    tmp/<pid>-<rand>.part    in-flight writes; swept once their pid is gone
+
+A blob only appears under its final name after its sha256 was checked, so a
+half-written or unverified file is never mistaken for a hit. A hit is cheap:
+``stat`` plus the recorded fingerprint (size, mtime_ns, ctime_ns, inode, dev).
+When the fingerprint changed (the file was written to, truncated, touched or
+replaced), the blob is rehashed; if it no longer matches its digest it is
+removed and the caller fetches it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+from filelock import FileLock
+
+from ..errors import CacheError, IntegrityError
+
+log = logging.getLogger("flightvm.cache.store")
+
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_REF_RE = re.compile(r"^[A-Za-z0-9_.:@+-]+(/[A-Za-z0-9_.:@+-]+)*$")
+_CHUNK = 1 << 20
+READ_ONLY = 0o444
+
+
+def check_digest(digest: str) -> str:
+    if not DIGEST_RE.match(digest):
+        raise CacheError(f"not a sha256 digest: {digest!r} (expected sha256:<64 hex>)")
+    return digest
+
+
+def _fingerprint(st: os.stat_result) -> dict[str, int]:
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "ino": st.st_ino,
+        "dev": st.st_dev,
+    }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    digest: str
+    path: Path
+    size: int
+    refs: tuple[str, ...]
+
+
+class BlobWriter:
+    """Streams bytes into a temp file in the store while hashing them.
+
+    On a clean ``with`` exit the digest (and size, when given) is checked
+    against ``expected`` and the blob is installed read-only under its digest;
+    on an exception or a mismatch the temp file is removed. ``digest`` holds
+    the result after commit.
+    """
+
+    def __init__(self, store: Store, expected: str | None = None, size: int | None = None):
+        self.store = store
+        self.expected = check_digest(expected) if expected else None
+        self.expected_size = size
+        self.tmp = store.tmp_path(".part")
+        self._file: BinaryIO | None = open(self.tmp, "wb")
+        self._hash = hashlib.sha256()
+        self.bytes = 0
+        self.digest: str | None = None
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self._file is None:
+            raise CacheError("write to a closed blob writer")
+        self._file.write(data)
+        self._hash.update(data)
+        self.bytes += len(data)
+        return len(data)
+
+    def commit(self) -> str:
+        if self._file is None:
+            raise CacheError("blob writer already closed")
+        f, self._file = self._file, None
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            f.close()
+        digest = "sha256:" + self._hash.hexdigest()
+        if self.expected and digest != self.expected:
+            self._discard()
+            raise IntegrityError(
+                f"content does not match its digest: expected {self.expected}, got {digest} "
+                f"({self.bytes} bytes); the source is corrupt or was cut short"
+            )
+        if self.expected_size is not None and self.bytes != self.expected_size:
+            self._discard()
+            raise IntegrityError(
+                f"size mismatch for {digest}: expected {self.expected_size} bytes, "
+                f"got {self.bytes}"
+            )
+        self.digest = self.store._install(self.tmp, digest)
+        return self.digest
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._discard()
+
+    def _discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class Store:
+    """The local content-addressed store rooted at ``root`` (``settings.store_dir``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        try:
+            for sub in ("blobs/sha256", "meta/sha256", "refs", "locks", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(
+                f"cannot create the image store at {self.root} ({exc.strerror}); "
+                "set --flightvm-cache-dir to a writable directory"
+            ) from None
+
+    # -- paths -------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / check_digest(digest).split(":", 1)[1]
+
+    def _meta_path(self, digest: str) -> Path:
+        return self.root / "meta" / "sha256" / (digest.split(":", 1)[1] + ".json")
+
+    def _ref_path(self, name: str) -> Path:
+        if not _REF_RE.match(name) or any(p in (".", "..") for p in name.split("/")):
+            raise CacheError(f"invalid store ref name {name!r}")
+        return self.root / "refs" / name
+
+    def tmp_path(self, suffix: str = "") -> Path:
+        """A fresh temp path inside the store (same filesystem as the blobs)."""
+        self.sweep_tmp()
+        return self.root / "tmp" / f"{os.getpid()}-{secrets.token_hex(6)}{suffix}"
+
+    # -- blobs -------------------------------------------------------------
+
+    def writer(self, expected: str | None = None, size: int | None = None) -> BlobWriter:
+        return BlobWriter(self, expected, size)
+
+    def import_file(self, path: Path, *, move: bool = False, expected: str | None = None) -> str:
+        """Add a file to the store and return its digest.
+
+        ``move=True`` renames the file into the store (it must not be used
+        afterwards); otherwise it is copied, hashed in the same pass. Either
+        way the blob ends up read-only under its verified digest.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise CacheError(f"cannot import {path}: not a file")
+        if move:
+            try:
+                digest = "sha256:" + _hash_file(path)
+                if expected and digest != expected:
+                    raise IntegrityError(f"{path} has digest {digest}, expected {expected}")
+                return self._install(path, digest)
+            except OSError as exc:
+                if exc.errno != 18:  # EXDEV: different filesystem; fall back to a copy
+                    raise CacheError(f"cannot import {path}: {exc.strerror}") from None
+        try:
+            with open(path, "rb") as src, self.writer(expected) as w:
+                while chunk := src.read(_CHUNK):
+                    w.write(chunk)
+        except OSError as exc:
+            raise CacheError(f"cannot import {path}: {exc.strerror}") from None
+        assert w.digest is not None
+        return w.digest
+
+    def _install(self, tmp: Path, digest: str) -> str:
+        """Install a file whose content was just hashed as ``digest``."""
+        final = self.blob_path(digest)
+        if self.verify(digest, full=False):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return digest
+        os.chmod(tmp, READ_ONLY)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        self._record(digest, os.stat(final))
+        return digest
+
+    def _record(self, digest: str, st: os.stat_result) -> None:
+        data = {**_fingerprint(st), "verified_at": time.time()}
+        _write_atomic(self._meta_path(digest), json.dumps(data).encode())
+
+    def _read_meta(self, digest: str) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self._meta_path(digest).read_bytes()))
+        except (OSError, ValueError):
+            return None
+
+    def verify(self, digest: str, full: bool = True) -> bool:
+        """Is the blob present and intact?
+
+        ``full=False`` trusts the fingerprint recorded at the last verification
+        and only rehashes when the file's stat changed. A blob that fails is
+        removed (so the caller fetches it again) and False is returned.
+        """
+        path = self.blob_path(digest)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                self._meta_path(digest).unlink()
+            return False
+        if not full:
+            meta = self._read_meta(digest)
+            if meta is not None and all(meta.get(k) == v for k, v in _fingerprint(st).items()):
+                return True
+        try:
+            actual = "sha256:" + _hash_file(path)
+        except OSError as exc:
+            log.warning("cannot read %s (%s); dropping it", path, exc.strerror)
+            actual = ""
+        if actual != digest:
+            log.warning("store blob %s is corrupt (now %s); removing it", digest, actual or "?")
+            self.remove(digest)
+            return False
+        if st.st_mode & 0o777 != READ_ONLY:
+            os.chmod(path, READ_ONLY)
+            st = os.stat(path)
+        self._record(digest, st)
+        return True
+
+    def has(self, digest: str) -> bool:
+        """Cheap presence check (fingerprint; rehash only when the stat changed)."""
+        return self.verify(digest, full=False)
+
+    def remove(self, digest: str) -> None:
+        for p in (self.blob_path(digest), self._meta_path(digest)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def ls(self) -> list[StoreEntry]:
+        by_digest: dict[str, list[str]] = {}
+        for name, info in self.refs().items():
+            by_digest.setdefault(info["digest"], []).append(name)
+        entries = []
+        for path in sorted((self.root / "blobs" / "sha256").iterdir()):
+            if not re.fullmatch(r"[0-9a-f]{64}", path.name):
+                continue
+            digest = "sha256:" + path.name
+            with contextlib.suppress(FileNotFoundError):
+                entries.append(StoreEntry(
+                    digest, path, path.stat().st_size, tuple(sorted(by_digest.get(digest, [])))
+                ))
+        return entries
+
+    # -- refs --------------------------------------------------------------
+
+    def set_ref(self, name: str, digest: str, **info: Any) -> None:
+        """Point ``name`` (``key/<hex>``, ``tag/<tag>``, ...) at a blob, with extra info."""
+        path = self._ref_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {**info, "digest": check_digest(digest), "updated": time.time()}
+        _write_atomic(path, json.dumps(data, sort_keys=True).encode())
+
+    def ref_info(self, name: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self._ref_path(name).read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or not DIGEST_RE.match(str(data.get("digest", ""))):
+            return None
+        return data
+
+    def get_ref(self, name: str) -> str | None:
+        info = self.ref_info(name)
+        return str(info["digest"]) if info else None
+
+    def delete_ref(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._ref_path(name).unlink()
+
+    def refs(self) -> dict[str, dict[str, Any]]:
+        base = self.root / "refs"
+        out: dict[str, dict[str, Any]] = {}
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                name = path.relative_to(base).as_posix()
+                info = self.ref_info(name) if _REF_RE.match(name) else None
+                if info:
+                    out[name] = info
+        return out
+
+    # -- locks and housekeeping ----------------------------------------------
+
+    def lock(self, name: str) -> FileLock:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        return FileLock(str(self.root / "locks" / f"{safe}.lock"))
+
+    def sweep_tmp(self) -> int:
+        """Remove temp files left by processes that no longer exist."""
+        removed = 0
+        with contextlib.suppress(OSError):
+            for path in (self.root / "tmp").iterdir():
+                pid_text = path.name.split("-", 1)[0]
+                if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(
+                    int(pid_text)
+                ):
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            path.unlink()
+                    removed += 1
+        return removed
+
+    def open_blob(self, digest: str) -> Iterator[bytes]:
+        """Iterate over a blob's bytes (for pushing)."""
+        with open(self.blob_path(digest), "rb") as f:
+            while chunk := f.read(_CHUNK):
+                yield chunk
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(4 * _CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()

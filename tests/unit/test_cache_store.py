@@ -1,0 +1,212 @@
+"""The local content-addressed store: atomic, read-only, verified, cheap hits."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytest_flightvm.cache import store as store_mod
+from pytest_flightvm.cache.store import Store
+from pytest_flightvm.errors import CacheError, IntegrityError
+
+
+def fake_qcow2(path: Path, size: int = 1 << 20) -> Path:
+    path.write_bytes(b"QFI\xfb" + os.urandom(size - 4))
+    return path
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store")
+
+
+def test_import_copies_verifies_and_makes_read_only(store: Store, tmp_path: Path) -> None:
+    src = fake_qcow2(tmp_path / "disk.qcow2")
+    digest = store.import_file(src)
+    assert digest == sha(src.read_bytes())
+    blob = store.blob_path(digest)
+    assert blob == store.root / "blobs" / "sha256" / digest[7:]
+    assert blob.read_bytes() == src.read_bytes()
+    assert stat.S_IMODE(blob.stat().st_mode) == 0o444
+    assert src.exists() and stat.S_IMODE(src.stat().st_mode) != 0o444
+    assert store.verify(digest) and store.has(digest)
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_import_move_renames_into_the_store(store: Store) -> None:
+    src = fake_qcow2(store.tmp_path(".qcow2"))
+    data = src.read_bytes()
+    digest = store.import_file(src, move=True)
+    assert not src.exists()
+    assert store.blob_path(digest).read_bytes() == data
+
+
+def test_import_twice_is_idempotent(store: Store, tmp_path: Path) -> None:
+    src = fake_qcow2(tmp_path / "disk.qcow2")
+    d1 = store.import_file(src)
+    ino = store.blob_path(d1).stat().st_ino
+    assert store.import_file(src) == d1
+    assert store.blob_path(d1).stat().st_ino == ino
+
+
+def test_writer_never_exposes_a_partial_blob(store: Store) -> None:
+    data = os.urandom(3 << 20)
+    digest = sha(data)
+    with store.writer(expected=digest, size=len(data)) as w:
+        for i in range(0, len(data), 1 << 20):
+            w.write(data[i:i + (1 << 20)])
+            assert not store.blob_path(digest).exists()
+            assert w.tmp.parent == store.root / "tmp"
+    assert w.digest == digest
+    assert store.blob_path(digest).read_bytes() == data
+
+
+def test_writer_rejects_a_digest_mismatch(store: Store) -> None:
+    wrong = sha(b"something else")
+    with pytest.raises(IntegrityError, match="does not match its digest"):
+        with store.writer(expected=wrong) as w:
+            w.write(b"QFI\xfb payload")
+    assert not store.blob_path(wrong).exists()
+    assert not store.blob_path(sha(b"QFI\xfb payload")).exists()
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_writer_rejects_a_short_body(store: Store) -> None:
+    data = b"QFI\xfb" + b"x" * 100
+    with pytest.raises(IntegrityError, match="size mismatch"):
+        with store.writer(size=len(data) + 1) as w:
+            w.write(data)
+    assert not store.blob_path(sha(data)).exists()
+
+
+def test_writer_aborts_on_an_exception(store: Store) -> None:
+    with pytest.raises(RuntimeError):
+        with store.writer() as w:
+            w.write(b"QFI\xfb half")
+            raise RuntimeError("connection dropped")
+    assert list((store.root / "blobs" / "sha256").iterdir()) == []
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_local_hit_does_not_rehash(store: Store, tmp_path: Path, monkeypatch) -> None:
+    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+
+    def boom(path: Path) -> str:
+        raise AssertionError("rehashed on a fast hit")
+
+    monkeypatch.setattr(store_mod, "_hash_file", boom)
+    assert store.has(digest)
+
+
+def test_touched_but_intact_blob_is_rehashed_once_and_kept(store: Store, tmp_path: Path,
+                                                         monkeypatch) -> None:
+    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+    os.utime(store.blob_path(digest), (1, 1))
+    calls = []
+    real = store_mod._hash_file
+    monkeypatch.setattr(store_mod, "_hash_file", lambda p: calls.append(p) or real(p))
+    assert store.has(digest) and store.has(digest)
+    assert len(calls) == 1
+
+
+def test_missing_fingerprint_means_a_full_check(store: Store, tmp_path: Path) -> None:
+    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+    store._meta_path(digest).unlink()
+    assert store.has(digest)
+    assert store._meta_path(digest).exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-keep-mtime", "append"])
+def test_corruption_is_detected_and_the_blob_removed(store: Store, tmp_path: Path,
+                                                     damage: str) -> None:
+    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+    blob = store.blob_path(digest)
+    st = blob.stat()
+    if damage == "truncate":
+        os.truncate(blob, st.st_size // 2)
+    elif damage == "append":
+        with open(blob, "ab") as f:
+            f.write(b"junk")
+    else:  # same size, mtime put back: only ctime betrays it
+        os.chmod(blob, 0o644)
+        with open(blob, "r+b") as f:
+            f.seek(1000)
+            b = f.read(1)
+            f.seek(1000)
+            f.write(bytes([b[0] ^ 0xFF]))
+        os.chmod(blob, 0o444)
+        os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert not store.has(digest)
+    assert not blob.exists()
+    assert not store._meta_path(digest).exists()
+
+
+def test_full_verify_catches_what_the_fingerprint_cannot(store: Store, tmp_path: Path,
+                                                         monkeypatch) -> None:
+    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+    monkeypatch.setattr(store_mod, "_hash_file", lambda p: "0" * 64)
+    assert store.has(digest)  # fingerprint unchanged: trusted
+    assert not store.verify(digest, full=True)
+    assert not store.blob_path(digest).exists()
+
+
+def test_refs(store: Store, tmp_path: Path) -> None:
+    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+    store.set_ref("key/" + "a" * 64, digest, source="build", run="r1")
+    store.set_ref("tag/base-qcow2-latest", digest)
+    assert store.get_ref("key/" + "a" * 64) == digest
+    info = store.ref_info("key/" + "a" * 64)
+    assert info is not None and info["source"] == "build" and info["run"] == "r1"
+    assert store.get_ref("tag/missing") is None
+    assert set(store.refs()) == {"key/" + "a" * 64, "tag/base-qcow2-latest"}
+    [entry] = store.ls()
+    assert entry.digest == digest and entry.size == store.blob_path(digest).stat().st_size
+    assert entry.refs == ("key/" + "a" * 64, "tag/base-qcow2-latest")
+    store.delete_ref("tag/base-qcow2-latest")
+    assert store.get_ref("tag/base-qcow2-latest") is None
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/../../b", "/abs", "a//b", "", "sp ace"])
+def test_bad_ref_names_are_refused(store: Store, name: str) -> None:
+    with pytest.raises(CacheError):
+        store.set_ref(name, "sha256:" + "0" * 64)
+
+
+def test_bad_digest_is_refused(store: Store) -> None:
+    with pytest.raises(CacheError, match="not a sha256 digest"):
+        store.blob_path("sha256:../../etc/passwd")
+
+
+def test_garbage_ref_file_reads_as_missing(store: Store) -> None:
+    (store.root / "refs" / "broken").write_text("not json")
+    assert store.get_ref("broken") is None
+
+
+def test_sweep_removes_temp_files_of_dead_processes(store: Store) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = store.root / "tmp" / f"{proc.pid}-abc.part"
+    dead.write_bytes(b"half a blob")
+    mine = store.root / "tmp" / f"{os.getpid()}-def.part"
+    mine.write_bytes(b"in flight")
+    assert store.sweep_tmp() == 1
+    assert not dead.exists() and mine.exists()
+
+
+def test_lock_is_per_name(store: Store) -> None:
+    a, b = store.lock("key-abc"), store.lock("key-def")
+    with a:
+        assert not b.is_locked
+        with b:
+            assert b.is_locked
+    assert (store.root / "locks" / "key-abc.lock").exists()
