@@ -1,0 +1,224 @@
+"""The ``flightvm`` command: cache verbs, seed rendering, gc and doctor.
+
+It reads the same settings as the plugin (env vars, the pytest ini of the
+current directory) plus its own flags. Exit status: 0 success, 1 operation
+failed, 2 usage error or bad input (one line on stderr). Only the verb's
+result goes to stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import OPTIONS, Settings, read_ini, resolve
+from .errors import ConfigError, FlightVMError
+
+
+def _err(line: str) -> None:
+    sys.stderr.write(line.rstrip() + "\n")
+    sys.stderr.flush()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2
+        _err(f"flightvm: {message} (see flightvm --help)")
+        raise SystemExit(2)
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    for opt in OPTIONS:
+        if not opt.cli_short:
+            continue
+        if opt.kind == "bool":
+            p.add_argument(opt.cli_short, dest=opt.name, action="store_const", const=True,
+                           default=None, help=opt.help)
+        else:
+            p.add_argument(opt.cli_short, dest=opt.name, default=None, help=opt.help,
+                           choices=list(opt.choices) or None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="flightvm", description=__doc__.split("\n")[0])
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    cache = verbs.add_parser("cache", help="base image cache")
+    cverbs = cache.add_subparsers(dest="cache_verb", required=True, parser_class=_Parser)
+    get = cverbs.add_parser("get", help="resolve local -> registry -> build(+push); print the path")
+    get.add_argument("--force", action="store_true", help="ignore caches and build")
+    pull = cverbs.add_parser("pull", help="pull a tag (default <prefix>-latest)")
+    pull.add_argument("tag", nargs="?")
+    pull.add_argument("-o", "--output", type=Path, help="also copy the qcow2 here")
+    push = cverbs.add_parser("push", help="push a qcow2 as an OCI artifact")
+    push.add_argument("file", type=Path)
+    push.add_argument("tags", nargs="*")
+    cc = cverbs.add_parser("cache", help="push under <prefix>-<key> (+ -latest from a clean tree)")
+    cc.add_argument("file", nargs="?", type=Path)
+    cverbs.add_parser("ls", help="local store entries and registry tags")
+    cverbs.add_parser("verify", help="re-hash every local blob")
+    for sub in (get, pull, push, cc, *cverbs.choices.values()):
+        if not any(a.dest == "registry" for a in sub._actions):
+            _add_settings_flags(sub)
+
+    seed = verbs.add_parser("seed", help="cloud-init seed ISOs")
+    sverbs = seed.add_subparsers(dest="seed_verb", required=True, parser_class=_Parser)
+    render = sverbs.add_parser("render", help="write a NoCloud ISO")
+    src = render.add_mutually_exclusive_group(required=True)
+    src.add_argument("--user-data", type=Path, help="YAML merged over the defaults")
+    src.add_argument("--vm-config", type=Path, help="flightctl VM config dir")
+    src.add_argument("--cloud-init-dir", type=Path, help="a prepared NoCloud dir, packed as-is")
+    render.add_argument("--instance-id", default=None)
+    render.add_argument("--ssh-key", type=Path, help="public key for the default user")
+    render.add_argument("--mac", default="52:54:00:00:00:01", help="MAC the network-config matches")
+    render.add_argument("-o", "--output", type=Path, required=True)
+
+    gc = verbs.add_parser("gc", help="reap VMs, overlays and locks of dead runs")
+    gc.add_argument("--dry-run", action="store_true", help="list what would go")
+    gc.add_argument("--name", action="append", default=[], help="remove this (kept) VM")
+    _add_settings_flags(gc)
+
+    doctor = verbs.add_parser("doctor", help="check the host")
+    _add_settings_flags(doctor)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
+    ini, rootdir = read_ini(Path.cwd())
+    cli = {o.name: getattr(args, o.name, None) for o in OPTIONS}
+    return resolve(cli, ini, os.environ if env is None else env, rootdir=rootdir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except FlightVMError as exc:
+        _err(f"flightvm: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("flightvm: interrupted")
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.verb == "seed":
+        return _seed_render(args)
+    settings = settings_from_args(args)
+    if args.verb == "cache":
+        return _cache(args, settings)
+    if args.verb == "gc":
+        from .vm.reaper import reap
+
+        done = reap(settings.libvirt_uri, settings.runs_dir, dry_run=args.dry_run,
+                    names=tuple(n if n.startswith("flightvm-") else f"flightvm-{n}"
+                                for n in args.name), log=_err)
+        for item in done:
+            print(f"{'would remove' if args.dry_run else 'removed'} {item.kind} {item.name}")
+        if args.name and not done:
+            _err(f"flightvm: no removable flightvm domain named {', '.join(args.name)} "
+                 "(owner still running, or no such domain)")
+            return 1
+        return 0
+    if args.verb == "doctor":
+        from .doctor import run_doctor
+
+        return run_doctor(settings, out=sys.stdout)
+    raise ConfigError(f"unknown verb {args.verb}")  # pragma: no cover
+
+
+def _cache(args: argparse.Namespace, settings: Settings) -> int:
+    from .cache import resolve as r
+
+    verb = args.cache_verb
+    if verb == "get":
+        image = r.resolve_image(settings.replace(rebuild=args.force or settings.rebuild), log=_err)
+        _err(f"flightvm: source={image.source} bytes={image.bytes_moved} "
+             f"seconds={image.seconds:.2f}")
+        print(image.path)
+        return 0
+    if verb == "pull":
+        image = r.pull_tag(settings, args.tag, log=_err)
+        if args.output:
+            import shutil
+
+            shutil.copyfile(image.path, args.output)
+            print(args.output)
+        else:
+            print(image.path)
+        return 0
+    if verb == "push":
+        if not args.file.is_file():
+            raise ConfigError(f"{args.file} does not exist; pass the path of a qcow2 file")
+        result = r.push_file(settings, args.file, args.tags, log=_err)
+        print(result.manifest_digest if hasattr(result, "manifest_digest") else result)
+        return 0
+    if verb == "cache":
+        if args.file is not None and not args.file.is_file():
+            raise ConfigError(f"{args.file} does not exist; pass the path of a qcow2 file")
+        image, result = r.cache_image(settings, args.file, log=_err)
+        for tag in getattr(result, "tags", ()):
+            print(tag)
+        return 0
+    if verb == "ls":
+        entries, tags = r.list_images(settings)
+        print(f"{'DIGEST':<20} {'SIZE':>10}  REFS")
+        for e in entries:
+            print(f"{e.digest[:19]:<20} {e.size:>10}  {', '.join(e.refs)}")
+        if tags is not None:
+            print(f"\nregistry {settings.registry} tags:")
+            for t in tags:
+                print(f"  {t}")
+        return 0
+    if verb == "verify":
+        from .cache.store import Store
+
+        store = Store(settings.store_dir)
+        bad = 0
+        for e in store.ls():
+            ok = store.verify(e.digest, full=True)
+            bad += not ok
+            print(f"{'ok ' if ok else 'BAD'} {e.digest}")
+        return 1 if bad else 0
+    raise ConfigError(f"unknown cache verb {verb}")  # pragma: no cover
+
+
+def _seed_render(args: argparse.Namespace) -> int:
+    import uuid
+
+    from .seed.iso import write_iso
+    from .seed.render import SeedSpec, load_cloud_init_dir, load_user_data, render
+
+    payload: dict[str, bytes] = {}
+    if args.cloud_init_dir:
+        files = load_cloud_init_dir(args.cloud_init_dir)
+    else:
+        overrides: list[dict[str, Any]] = []
+        if args.user_data:
+            overrides.append(load_user_data(args.user_data))
+        if args.vm_config:
+            from . import flightctl
+
+            fragment, payload = flightctl.flightctl_seed(flightctl.load_vm_config(args.vm_config))
+            overrides.append(fragment)
+        key = ""
+        if args.ssh_key:
+            try:
+                key = args.ssh_key.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read --ssh-key {args.ssh_key}: {exc.strerror}") from None
+        instance = args.instance_id or f"flightvm-{uuid.uuid4().hex[:12]}"
+        files = render(SeedSpec(instance_id=instance, hostname=instance[:63],
+                                mac=args.mac, ssh_public_key=key,
+                                user_data=tuple(overrides)))
+        files.update(payload)
+    out = write_iso(files, args.output)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
