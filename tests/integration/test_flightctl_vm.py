@@ -1,0 +1,119 @@
+"""The flightctl profile in a real guest: package, config, certs, CA, registry, service.
+
+WHAT THIS MODULE EXPECTS
+- The plugin's ``flightctl_vm`` fixture: a booted VM provisioned from the VM
+  config dir, whose ``run(cmd, check=True, timeout=...)`` returns an object
+  with ``returncode``, ``stdout`` and ``stderr``.
+- The VM config dir is given to pytest with ``--flightvm-vm-config DIR`` (or
+  the ini key ``flightvm_vm_config``, or ``VM_CONFIG_DIR``) and was built by
+  ``tests/integration/agent_pkg.py``, either from the integration conftest
+  (``make_vm_config(dir)`` before the plugin reads its settings) or by hand::
+
+      python tests/integration/agent_pkg.py /tmp/vm-config
+      pytest tests/integration/test_flightctl_vm.py --flightvm-vm-config /tmp/vm-config
+
+- A Debian guest with apt/dpkg and ca-certificates (update-ca-certificates,
+  openssl) and sudo, like the built-in Debian builder makes.
+
+The expected values are read from that same dir (``agent_pkg.facts_for``),
+so a dir made another way is checked against its own contents.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_pkg import facts_for
+
+
+def _configured_dir(config: pytest.Config) -> Path | None:
+    value: Any = None
+    try:
+        value = config.getoption("--flightvm-vm-config")
+    except ValueError:
+        value = None
+    if not value:
+        try:
+            value = config.getini("flightvm_vm_config")
+        except ValueError:
+            value = None
+    if not value:
+        value = os.environ.get("VM_CONFIG_DIR")
+    return Path(str(value)) if value else None
+
+
+@pytest.fixture(scope="session")
+def facts(pytestconfig: pytest.Config) -> dict[str, Any]:
+    directory = _configured_dir(pytestconfig)
+    if directory is None or not (directory / "config.yaml").is_file():
+        pytest.fail(
+            "no VM config dir: build one with `python tests/integration/agent_pkg.py DIR` "
+            "and pass --flightvm-vm-config DIR (or set VM_CONFIG_DIR)"
+        )
+    return facts_for(directory)
+
+
+def sudo(vm: Any, script: str, *, check: bool = True, timeout: float = 60) -> Any:
+    return vm.run(f"sudo -n sh -c {shlex.quote(script)}", check=check, timeout=timeout)
+
+
+def test_setup_script_reported_every_step(flightctl_vm: Any) -> None:
+    log = sudo(flightctl_vm, "cat /var/log/flightvm-setup.log").stdout
+    for n, name in enumerate(
+        ("mount-seed", "packages", "config", "certs", "ca-trust", "registry", "agent"), start=1
+    ):
+        assert f"flightvm-setup: step {n}/7 {name}: ok" in log, log
+    assert "flightvm-setup: done" in log
+
+
+def test_agent_package_installed(flightctl_vm: Any, facts: dict[str, Any]) -> None:
+    result = flightctl_vm.run(f"dpkg -s {facts['package']}")
+    assert "Status: install ok installed" in result.stdout
+
+
+def test_config_content_and_mode(flightctl_vm: Any, facts: dict[str, Any]) -> None:
+    assert sudo(flightctl_vm, "cat /etc/flightctl/config.yaml").stdout == facts["config_text"]
+    mode = sudo(flightctl_vm, "stat -c '%a %U' /etc/flightctl/config.yaml").stdout.split()
+    assert mode == ["644", "root"]
+
+
+def test_certs_are_private(flightctl_vm: Any, facts: dict[str, Any]) -> None:
+    out = sudo(flightctl_vm, "cd /etc/flightctl/certs && stat -c '%n %a %U' *").stdout
+    rows = sorted(line.split() for line in out.splitlines() if line.strip())
+    assert rows == [[name, "600", "root"] for name in facts["cert_names"]]
+
+
+def test_client_cert_verifies_against_system_trust(flightctl_vm: Any) -> None:
+    result = sudo(
+        flightctl_vm,
+        "openssl verify -CAfile /etc/ssl/certs/ca-certificates.crt "
+        "/etc/flightctl/certs/client.crt",
+    )
+    assert result.stdout.strip().endswith(": OK"), result.stdout + result.stderr
+
+
+def test_registry_conf_installed(flightctl_vm: Any, facts: dict[str, Any]) -> None:
+    out = sudo(flightctl_vm, f"cat {facts['registry_conf_path']}").stdout
+    assert out == facts["registry_conf"]
+
+
+def test_agent_service_active_and_saw_the_config(
+    flightctl_vm: Any, facts: dict[str, Any]
+) -> None:
+    state = flightctl_vm.run(f"systemctl is-active {facts['unit']}", check=False)
+    assert state.stdout.strip() == "active", state.stdout + state.stderr
+    deadline = time.monotonic() + 60
+    status = ""
+    while time.monotonic() < deadline:
+        result = sudo(flightctl_vm, f"cat {facts['status_file']}", check=False)
+        status = result.stdout
+        if result.returncode == 0 and "config_sha256=" in status:
+            break
+        time.sleep(2)
+    assert f"config_sha256={facts['config_sha256']}" in status.splitlines(), status
+    assert f"certs={' '.join(facts['cert_names'])}" in status.splitlines(), status
