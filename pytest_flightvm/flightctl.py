@@ -24,6 +24,7 @@ console. Putting it together::
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -43,6 +44,10 @@ GUEST_LOG = "/var/log/flightvm-setup.log"
 #: The systemd unit the setup script enables and starts.
 AGENT_UNIT = "flightctl-agent.service"
 PACKAGE_SUFFIXES = (".rpm", ".deb")
+#: Console line of a failed setup step (for readiness checks racing the boot).
+CONSOLE_FAILED_RE = re.compile(r"flightvm-setup: step (\d+)/(\d+) (\S+): FAILED (.*)")
+#: Console line when the whole setup succeeded.
+CONSOLE_DONE = "flightvm-setup: done"
 
 
 @dataclass(frozen=True)

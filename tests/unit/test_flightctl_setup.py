@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_flightvm.flightctl import setup_script
+from pytest_flightvm.flightctl import CONSOLE_DONE, CONSOLE_FAILED_RE, setup_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "pytest_flightvm" / "seed" / "flightctl-setup.sh"
 REAL_TOOLS = ("bash", "mkdir", "touch", "chmod", "date", "tail", "rmdir", "rm", "install",
@@ -186,9 +186,10 @@ def test_happy_path_debian(harness: Harness) -> None:
         "flightvm-setup: step 6/7 registry: ok "
         "(/etc/containers/registries.conf.d/flightctl-e2e.conf)",
         "flightvm-setup: step 7/7 agent: ok (flightctl-agent.service active)",
-        "flightvm-setup: done",
+        CONSOLE_DONE,
     ]
     assert r.console == r.lines
+    assert not CONSOLE_FAILED_RE.search("\n".join(r.console))
     for line in r.lines:
         assert line in r.log
     etc = r.root / "etc"
@@ -258,6 +259,8 @@ def test_failing_package_step_names_itself_and_stops(harness: Harness) -> None:
         "flightvm-setup: FAILED at step 2/7 packages (details in /var/log/flightvm-setup.log)"
     )
     assert r.console == r.lines
+    match = CONSOLE_FAILED_RE.search("\n".join(r.console))
+    assert match and match.group(3) == "packages" and match.group(1) == "2"
     assert not [ln for ln in r.lines if "step 3/7" in ln]
     assert not (r.root / "etc" / "flightctl").exists()
     assert "E: simulated apt-get failure" in r.log
