@@ -532,7 +532,7 @@ class FlightRegistry(oras.provider.Registry):
         message = _error_message(resp)
         resp.close()
         if resp.status_code == 404:
-            raise ArtifactNotFound(f"{what}: not found in the registry ({message})")
+            raise ArtifactNotFound(f"{what} not found")
         raise RegistryError(f"{what}: registry {self.ref.host} answered {message}")
 
     def _url(self, location: str) -> str:

@@ -116,6 +116,9 @@ def _call_build(builder: Builder, output: Path, log: Log, key: str) -> None:
     kwargs: dict[str, Any] = {"log": log}
     if "key" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         kwargs["key"] = key
+    # Builders without a ``key`` parameter can read it from $FLIGHTVM_KEY while they run.
+    saved = os.environ.get("FLIGHTVM_KEY")
+    os.environ["FLIGHTVM_KEY"] = key
     try:
         builder.build(output, **kwargs)
     except FlightVMError:
@@ -125,6 +128,11 @@ def _call_build(builder: Builder, output: Path, log: Log, key: str) -> None:
             f"the builder {builder.identity!r} failed: {type(exc).__name__}: {exc}",
             detail=traceback.format_exc(),
         ) from None
+    finally:
+        if saved is None:
+            os.environ.pop("FLIGHTVM_KEY", None)
+        else:
+            os.environ["FLIGHTVM_KEY"] = saved
 
 
 def resolve_image(

@@ -109,6 +109,20 @@ def test_builder_object_and_key_kwarg(settings: Settings, tmp_path: Path) -> Non
     assert image.source == "build" and seen["key"] == image.key
 
 
+def test_builder_without_key_kwarg_sees_flightvm_key(settings: Settings) -> None:
+    seen: dict[str, str] = {}
+
+    class EnvBuilder:
+        identity = "env-builder"
+
+        def build(self, output: Path, *, log) -> None:
+            seen["key"] = os.environ["FLIGHTVM_KEY"]
+            output.write_bytes(b"QFI\xfb" + b"\0" * 512)
+
+    image = resolve_image(settings, EnvBuilder(), log=lambda m: None)
+    assert seen["key"] == image.key and "FLIGHTVM_KEY" not in os.environ
+
+
 def test_builder_crash_is_a_one_line_build_error(settings: Settings) -> None:
     class Broken:
         identity = "broken"
