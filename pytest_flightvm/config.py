@@ -14,7 +14,7 @@ import os
 import platform
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("cache_dir", "local store and run directory (default $XDG_CACHE_HOME/flightvm)",
            "--flightvm-cache-dir", "flightvm_cache_dir", ("FLIGHTVM_CACHE_DIR",), kind="path",
            cli_short="--cache-dir"),
-    Option("build_cmd", "shell command that writes a qcow2 to $FLIGHTVM_OUTPUT (default: built-in Debian builder)",
+    Option("build_cmd",
+           "shell command that writes a qcow2 to $FLIGHTVM_OUTPUT (default: built-in Debian builder)",
            "--flightvm-build-cmd", "flightvm_build_cmd", ("FLIGHTVM_BUILD_CMD",), cli_short="--build-cmd"),
     Option("build_inputs", "paths/globs hashed into the cache key", None, "flightvm_build_inputs",
            kind="linelist"),
@@ -267,5 +268,3 @@ def _ini_section(path: Path, section: str) -> dict[str, str] | None:
     parser.read(path)
     return dict(parser[section]) if parser.has_section(section) else None
 
-
-CliGetter = Callable[[str], Any]

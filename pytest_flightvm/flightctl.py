@@ -28,9 +28,9 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .errors import ConfigError
+from .errors import BootError, ConfigError
 from .seed.render import load_yaml_mapping
 
 log = logging.getLogger("flightvm.flightctl")
@@ -191,3 +191,40 @@ def flightctl_seed(vm_config: VMConfig) -> tuple[dict[str, Any], dict[str, bytes
         "runcmd": [["bash", GUEST_SCRIPT]],
     }
     return fragment, dict(sorted(payload.items()))
+
+
+class _Runs(Protocol):
+    def run(self, cmd: str, *, check: bool = ..., timeout: float | None = ...) -> Any: ...
+
+
+def agent_ready(vm: _Runs) -> bool:
+    """Readiness check for ``flightctl_vm``: the agent service is active.
+
+    Raises BootError as soon as the setup script or the service has failed,
+    instead of waiting for the deadline.
+    """
+    state = vm.run(f"systemctl is-active {AGENT_UNIT}", check=False, timeout=20).stdout.strip()
+    if state == "active":
+        return True
+    log = vm.run(f"sudo cat {GUEST_LOG} 2>/dev/null", check=False, timeout=20).stdout
+    failed = CONSOLE_FAILED_RE.search(log)
+    if failed:
+        raise BootError(f"flightctl setup failed at step {failed.group(1)}/{failed.group(2)} "
+                        f"{failed.group(3)}: {failed.group(4).strip()}", detail=diagnose(vm))
+    if state == "failed":
+        raise BootError(f"{AGENT_UNIT} failed to start", detail=diagnose(vm))
+    return False
+
+
+def diagnose(vm: _Runs) -> str:
+    """The setup log and the agent's journal tail, for failure reports."""
+    parts = []
+    for title, cmd in (
+        ("setup log", f"sudo tail -n 20 {GUEST_LOG}"),
+        (f"journal of {AGENT_UNIT}", f"sudo journalctl -u {AGENT_UNIT} -n 30 --no-pager"),
+    ):
+        res = vm.run(cmd, check=False, timeout=20)
+        text = (res.stdout or res.stderr).strip()
+        if text:
+            parts.append(f"--- {title} ---\n{text}")
+    return "\n".join(parts)

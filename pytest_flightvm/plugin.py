@@ -21,7 +21,7 @@ import pytest
 
 from . import hooks
 from .config import OPTIONS, Settings, resolve
-from .errors import ConfigError, FlightVMError
+from .errors import BootError, ConfigError, FlightVMError
 from .metrics import aggregate, write_worker_metrics
 from .vm.factory import RunContext, VMFactory, VMRequest, new_run_id
 from .vm.machine import Machine
@@ -50,8 +50,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                                 dest=f"flightvm_{opt.name}", help=opt.help,
                                 choices=list(opt.choices) or None)
         if opt.ini:
-            parser.addini(opt.ini, opt.help, type="linelist" if opt.kind == "linelist" else "string",
-                          default=[] if opt.kind == "linelist" else None)
+            if opt.kind == "linelist":
+                parser.addini(opt.ini, opt.help, type="linelist", default=[])
+            else:
+                parser.addini(opt.ini, opt.help, type="string", default=None)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -289,8 +291,21 @@ def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[s
                     seed_payload=extra.get("seed_payload", {}),
                     ready_checks=extra.get("ready_checks", ()))
     pool = _pool(request, pool_name)
-    with _one_line_errors():
+    try:
         vm = pool.acquire(req, reset)
+    except BootError as exc:
+        failed_vm: Machine | None = getattr(exc, "machine", None)
+        if failed_vm is not None:
+            diagnose = extra.get("diagnose")
+            if diagnose is not None and not exc.detail.count("--- journal"):
+                exc.detail += "\n" + _best_effort(diagnose, failed_vm)
+            if settings.keep != "never":
+                _keep(request, pool, failed_vm)
+            else:
+                pool.factory.discard(failed_vm)
+        _fail_setup(exc)
+    except FlightVMError as exc:
+        _fail_setup(exc)
     request.node.stash.setdefault(_used_vms_key, []).append(vm)
     yield vm
     rep = getattr(request.node, "_flightvm_rep_call", None)
@@ -298,8 +313,19 @@ def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[s
     keep = settings.keep == "always" or (settings.keep == "on-failure" and failed)
     if keep and pool.current is vm:
         pool.detach()
-        run: RunContext = request.config.stash[_run_key]
-        (run.run_dir / f"kept-{vm.name}.txt").write_text(pool.factory.keep(vm) + "\n")
+        _keep(request, pool, vm)
+
+
+def _keep(request: pytest.FixtureRequest, pool: VMPool, vm: Machine) -> None:
+    run: RunContext = request.config.stash[_run_key]
+    (run.run_dir / f"kept-{vm.name}.txt").write_text(pool.factory.keep(vm) + "\n")
+
+
+def _best_effort(diagnose: Any, vm: Machine) -> str:
+    try:
+        return str(diagnose(vm))
+    except Exception as exc:  # noqa: BLE001 - diagnosis must not hide the real failure
+        return f"(could not collect diagnostics: {exc})"
 
 
 @pytest.fixture
@@ -323,7 +349,7 @@ def flightctl_vm(request: pytest.FixtureRequest, flightvm_settings: Settings,
         raise pytest.UsageError(f"flightvm: {exc}") from None
     fragment, payload = flightctl.flightctl_seed(vm_config)
     extra = {"user_data": (fragment,), "seed_payload": payload,
-             "ready_checks": (flightctl.agent_ready,)}
+             "ready_checks": (flightctl.agent_ready,), "diagnose": flightctl.diagnose}
     yield from _pooled_vm(request, "flightctl", flightvm_user_data, extra)
 
 
@@ -358,7 +384,6 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         return
     settings = config.stash[_settings_key]
     run = config.stash[_run_key]
-    state = config.stash[_state_key]
     if not run.run_dir.exists():
         return
     summary = aggregate(run)

@@ -52,7 +52,7 @@ def process_start(pid: int) -> str | None:
 
 
 def random_mac() -> str:
-    return "52:54:00:%02x:%02x:%02x" % tuple(random.randrange(256) for _ in range(3))
+    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
 
 
 @dataclass(frozen=True)

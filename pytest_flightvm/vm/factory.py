@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings
-from ..errors import ConfigError
+from ..errors import BootError, ConfigError
 from ..seed.iso import write_iso
 from ..seed.render import SeedSpec, load_cloud_init_dir, render
 from . import accel as accel_mod
@@ -159,10 +159,12 @@ class VMFactory:
         except KVMUnusable:
             self.discard(machine, port=port)
             raise
+        except BootError as exc:
+            exc.machine = machine  # type: ignore[attr-defined]  # for diagnosis and keep
+            self._keep_console(machine)
+            raise
         except BaseException:
-            if self.settings.keep == "never":
-                # keep the console log for the error report, drop the rest
-                self._keep_console(machine)
+            self._keep_console(machine)
             raise
         self.booted.append(machine)
         return machine

@@ -34,7 +34,7 @@ def reserve_port(state_dir: Path) -> int:
         # Forget reservations of processes that are gone.
         held = {p: v for p, v in held.items()
                 if isinstance(v, list) and len(v) == 2 and process_start(int(str(v[0]))) == v[1]}
-        me = [os.getpid(), process_start(os.getpid())]
+        me: list[object] = [os.getpid(), process_start(os.getpid())]
         for _ in range(50):
             port = _free_port()
             if str(port) not in held:
