@@ -780,8 +780,9 @@ class FlightRegistry(oras.provider.Registry):
     ) -> tuple[str, int]:
         """Upload a blob from an iterable of chunks: POST, one streamed PATCH, PUT ?digest=.
 
-        Hashes while sending; ``expected`` (when given) must match or the
-        upload is cancelled. Returns (digest, size). Memory stays at one chunk.
+        With ``expected`` the registry verifies the digest at the final PUT (a
+        mismatch is an IntegrityError); without it the content is hashed while
+        sending. Returns (digest, size). Memory stays at one chunk.
         """
         resp = self.request("POST", f"{self.base}/blobs/uploads/",
                             headers={"Content-Length": "0"})
@@ -793,7 +794,8 @@ class FlightRegistry(oras.provider.Registry):
 
         def body() -> Iterator[bytes]:
             for chunk in chunks:
-                hasher.update(chunk)
+                if expected is None:  # else the registry checks ?digest= for us
+                    hasher.update(chunk)
                 counted[0] += len(chunk)
                 yield chunk
 
@@ -806,16 +808,20 @@ class FlightRegistry(oras.provider.Registry):
             self._check(resp, f"upload to {self.ref.name}", ok=(202,))
             location = self._url(resp.headers.get("Location", location))
             resp.close()
-            digest = "sha256:" + hasher.hexdigest()
-            if expected and digest != expected:
-                raise IntegrityError(
-                    f"local blob {expected} changed while pushing (read {digest}); not pushed"
-                )
+            digest = expected or "sha256:" + hasher.hexdigest()
+            if length is not None and counted[0] != length:
+                raise IntegrityError(f"read {counted[0]} bytes to push, expected {length}")
             sep = "&" if "?" in location else "?"
             resp = self.request(
                 "PUT", f"{location}{sep}digest={digest}", headers={"Content-Length": "0"},
                 timeout=(self.timeout[0], FINALIZE_TIMEOUT),
             )
+            if resp.status_code == 400 and "DIGEST_INVALID" in resp.text:
+                resp.close()
+                raise IntegrityError(
+                    f"the registry got content that does not match {digest}; the local file "
+                    "changed or is corrupt; not pushed"
+                )
             self._check(resp, f"upload to {self.ref.name}", ok=(201, 204))
             resp.close()
             location = ""

@@ -23,9 +23,11 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,14 +120,29 @@ class BlobWriter:
         self._hash = hashlib.sha256()
         self.bytes = 0
         self.digest: str | None = None
+        # Hashing runs in a thread (hashlib and file writes release the GIL), so a
+        # pull costs about max(receive + write, hash) instead of their sum.
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._hasher = threading.Thread(target=self._hash_loop, daemon=True)
+        self._hasher.start()
 
-    def write(self, data: bytes | memoryview) -> int:
+    def _hash_loop(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._hash.update(chunk)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._file is None:
             raise CacheError("write to a closed blob writer")
-        self._file.write(data)
-        self._hash.update(data)
-        self.bytes += len(data)
-        return len(data)
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        self._queue.put(chunk)
+        self._file.write(chunk)
+        self.bytes += len(chunk)
+        return len(chunk)
+
+    def _stop_hashing(self) -> None:
+        if self._hasher.is_alive():
+            self._queue.put(None)
+            self._hasher.join()
 
     def commit(self) -> str:
         if self._file is None:
@@ -136,6 +153,7 @@ class BlobWriter:
             os.fsync(f.fileno())
         finally:
             f.close()
+            self._stop_hashing()
         digest = "sha256:" + self._hash.hexdigest()
         if self.expected and digest != self.expected:
             self._discard()
@@ -156,6 +174,7 @@ class BlobWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._stop_hashing()
         self._discard()
 
     def _discard(self) -> None:

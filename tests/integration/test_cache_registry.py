@@ -254,3 +254,12 @@ def test_push_memory_stays_flat(registry_repo: str, tmp_path: Path) -> None:
     before_kib, peak_kib = int(out[0]), int(out[1])
     assert peak_kib < 100 * 1024, f"push peak RSS {peak_kib / 1024:.0f} MiB"
     assert peak_kib - before_kib < 32 * 1024
+
+
+def test_push_of_a_blob_that_does_not_match_its_digest(registry_repo: str,
+                                                       tmp_path: Path) -> None:
+    disk = fake_qcow2(tmp_path / "disk.qcow2", 1)
+    reg = FlightRegistry(registry_repo)
+    with pytest.raises(IntegrityError, match="does not match"):
+        reg.push_disk(disk, ["t"], arch="amd64", digest=sha(b"what the store thought"))
+    assert reg.tags() == []
