@@ -267,18 +267,18 @@ class _Progress:
     def __init__(self, what: str, total: int | None, log_fn: Log, interval: float = 2.0):
         self.what, self.total, self.log, self.interval = what, total, log_fn, interval
         self.start = self.last = time.monotonic()
-        self.done = 0
+        self.done = self.logged = 0
 
     def update(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
         if now - self.last >= self.interval:
-            self.last = now
+            self.last, self.logged = now, self.done
             self.log(self._line(now))
 
     def finish(self) -> None:
         now = time.monotonic()
-        if now - self.start >= self.interval:
+        if now - self.start >= self.interval and self.logged != self.done:
             self.log(self._line(now) + " done")
 
     def _line(self, now: float) -> str:
@@ -361,9 +361,9 @@ class FlightRegistry(oras.provider.Registry):
     """oras Registry with streaming, verifying, time-bounded I/O for one repository.
 
     ``repository`` is ``host[:port]/repo`` (a tag or digest in it is ignored).
-    Plain HTTP is used for loopback hosts, or when ``plain_http``; otherwise
-    HTTPS, verified against ``ca`` (default ``$FLIGHTVM_REGISTRY_CA``) or the
-    system store.
+    Plain HTTP is used for loopback hosts (unless a CA is given), or when
+    ``plain_http``; otherwise HTTPS, verified against ``ca`` (default
+    ``$FLIGHTVM_REGISTRY_CA``) or the system store.
     """
 
     def __init__(
@@ -378,12 +378,15 @@ class FlightRegistry(oras.provider.Registry):
     ) -> None:
         ref = Reference.parse(repository, "registry")
         self.ref = Reference(ref.host, ref.repository)
-        insecure = plain_http or is_loopback(ref.host)
         ca = ca or os.environ.get("FLIGHTVM_REGISTRY_CA") or None
+        # Loopback registries speak plain HTTP, unless a CA says this one has TLS.
+        insecure = plain_http or (is_loopback(ref.host) and not ca)
         quiet_oras()
         super().__init__(
             hostname=ref.host, insecure=insecure, tls_verify=ca or True, auth_backend="basic"
         )
+        if is_loopback(ref.host):
+            self.session.trust_env = False  # never send loopback traffic through a proxy
         self.container = oras.container.Container(self.ref.name, registry=ref.host)
         self.base = f"{self.prefix}://{ref.host}/v2/{ref.repository}"
         self.timeout = (connect_timeout, read_timeout)
@@ -658,6 +661,9 @@ class FlightRegistry(oras.provider.Registry):
         media_type = str(layer["mediaType"])
         layer_digest, size = str(layer["digest"]), int(layer["size"])
         annotations = layer.get("annotations") or {}
+        have = layer_digest if media_type == LAYER_MEDIA_TYPE else annotations.get(ANN_DISK_DIGEST)
+        if have and store.has(str(have)):
+            return str(have), 0  # same content already stored (another key or tag)
         progress = _Progress("pulling base image", size, log_fn)
         resp = self._get_blob(layer_digest)
         try:

@@ -135,9 +135,18 @@ class BlobWriter:
             raise CacheError("write to a closed blob writer")
         chunk = data if isinstance(data, bytes) else bytes(data)
         self._queue.put(chunk)
-        self._file.write(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as exc:
+            raise self._io_error(exc) from None
         self.bytes += len(chunk)
         return len(chunk)
+
+    def _io_error(self, exc: OSError) -> CacheError:
+        return CacheError(
+            f"cannot write to the image store at {self.store.root} ({exc.strerror}); "
+            "free space there or set --flightvm-cache-dir"
+        )
 
     def _stop_hashing(self) -> None:
         if self._hasher.is_alive():
@@ -151,6 +160,9 @@ class BlobWriter:
         try:
             f.flush()
             os.fsync(f.fileno())
+        except OSError as exc:
+            self._discard()
+            raise self._io_error(exc) from None
         finally:
             f.close()
             self._stop_hashing()
@@ -172,7 +184,8 @@ class BlobWriter:
 
     def abort(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
         self._stop_hashing()
         self._discard()

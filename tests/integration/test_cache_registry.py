@@ -263,3 +263,16 @@ def test_push_of_a_blob_that_does_not_match_its_digest(registry_repo: str,
     with pytest.raises(IntegrityError, match="does not match"):
         reg.push_disk(disk, ["t"], arch="amd64", digest=sha(b"what the store thought"))
     assert reg.tags() == []
+
+
+def test_pull_of_content_already_stored_moves_nothing(registry_repo: str,
+                                                      tmp_path: Path) -> None:
+    disk = fake_qcow2(tmp_path / "disk.qcow2", 1)
+    reg = FlightRegistry(registry_repo)
+    reg.push_disk(disk, ["a"], arch="amd64")
+    reg.push_disk(disk, ["z"], arch="amd64", compress="zstd")
+    store = Store(tmp_path / "s")
+    first = reg.pull_disk("a", store, arch="amd64")
+    assert first.bytes == disk.stat().st_size
+    assert reg.pull_disk("a", store, arch="amd64").bytes == 0
+    assert reg.pull_disk("z", store, arch="amd64").bytes == 0

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -25,7 +26,7 @@ from pytest_flightvm.cache.key import compute_key, tags_for
 from pytest_flightvm.cache.registry import FlightRegistry, find_credentials
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.config import Settings
-from pytest_flightvm.errors import IntegrityError, RegistryAuthError
+from pytest_flightvm.errors import IntegrityError, RegistryAuthError, RegistryError
 
 USER = "flightvm-ci"
 SECRET = "Sup3r-Secret-Pa55word"
@@ -36,6 +37,7 @@ class OwnRegistry:
     host: str
     data: Path
     pid: int
+    ca: Path | None = None
 
     def repo(self, name: str = "flightvm/base") -> str:
         return f"{self.host}/{name}"
@@ -47,15 +49,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(tmp: Path, auth: bool) -> Iterator[OwnRegistry]:
+def make_ca_and_cert(tmp: Path, name: str = "ca") -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ca, ca_key = tmp / f"{name}.pem", tmp / f"{name}.key"
+    cert, key, csr = tmp / f"{name}-server.pem", tmp / f"{name}-server.key", tmp / "server.csr"
+    ext = tmp / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for cmd in (
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1",
+         "-subj", "/CN=flightvm test CA"],
+        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "1", "-extfile", ext],
+    ):
+        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True)
+    return ca, cert, key
+
+
+def _start(tmp: Path, auth: bool, tls: bool = False) -> Iterator[OwnRegistry]:
     port = _free_port()
-    cfg = {
+    cfg: dict = {
         "version": 0.1,
         "log": {"level": "error"},
         "storage": {"filesystem": {"rootdirectory": str(tmp / "data")},
                     "delete": {"enabled": True}},
         "http": {"addr": f"127.0.0.1:{port}", "secret": "test"},
     }
+    ca = None
+    if tls:
+        ca, cert, key = make_ca_and_cert(tmp)
+        cfg["http"]["tls"] = {"certificate": str(cert), "key": str(key)}
     if auth:
         htpasswd = subprocess.run(["htpasswd", "-Bbn", USER, SECRET], check=True,
                                   capture_output=True, text=True).stdout
@@ -66,9 +90,12 @@ def _start(tmp: Path, auth: bool) -> Iterator[OwnRegistry]:
     proc = subprocess.Popen(["/usr/bin/docker-registry", "serve", str(tmp / "config.yml")],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 10
+    scheme = "https" if tls else "http"
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
     while True:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1).close()
+            urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/v2/", timeout=1,
+                                   context=context).close()
             break
         except urllib.error.HTTPError:
             break  # 401: up, and asking for credentials
@@ -78,7 +105,7 @@ def _start(tmp: Path, auth: bool) -> Iterator[OwnRegistry]:
                 pytest.fail(f"docker-registry did not start: {(tmp / 'registry.log').read_text()}")
             time.sleep(0.05)
     try:
-        yield OwnRegistry(f"127.0.0.1:{port}", tmp / "data", proc.pid)
+        yield OwnRegistry(f"127.0.0.1:{port}", tmp / "data", proc.pid, ca)
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         try:
@@ -97,6 +124,11 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRegis
 @pytest.fixture
 def plain_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRegistry]:
     yield from _start(tmp_path_factory.mktemp("registry"), auth=False)
+
+
+@pytest.fixture
+def tls_auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRegistry]:
+    yield from _start(tmp_path_factory.mktemp("tls-registry"), auth=True, tls=True)
 
 
 @pytest.fixture
@@ -189,6 +221,30 @@ def test_resolve_with_wrong_credentials_fails_instead_of_building(
         resolve_image(settings, log=msgs.append)
     out, err = capfd.readouterr()
     assert SECRET not in out + err + "".join(msgs)
+
+
+def test_tls_registry_with_our_ca(tls_auth_registry: OwnRegistry, no_ambient_creds: Path,
+                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tls_auth_registry.ca is not None
+    monkeypatch.setenv("FLIGHTVM_REGISTRY_CA", str(tls_auth_registry.ca))
+    monkeypatch.setenv("FLIGHTVM_REGISTRY_USER", USER)
+    monkeypatch.setenv("FLIGHTVM_REGISTRY_PASSWORD", SECRET)
+    src = disk(tmp_path / "d")
+    reg = FlightRegistry(tls_auth_registry.repo())
+    assert reg.base.startswith("https://")
+    reg.push_disk(src, ["t"], arch="amd64")
+    store = Store(tmp_path / "s")
+    assert store.blob_path(reg.pull_disk("t", store, arch="amd64").digest).read_bytes() == (
+        src.read_bytes())
+
+
+def test_tls_registry_with_the_wrong_ca(tls_auth_registry: OwnRegistry, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    other_ca, _, _ = make_ca_and_cert(tmp_path, "other")
+    monkeypatch.setenv("FLIGHTVM_REGISTRY_CA", str(other_ca))
+    with pytest.raises(RegistryError, match="TLS to registry .* failed") as info:
+        FlightRegistry(tls_auth_registry.repo()).ping()
+    assert "\n" not in str(info.value)
 
 
 # -- a registry serving damaged bytes -------------------------------------------------------

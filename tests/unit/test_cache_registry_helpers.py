@@ -75,3 +75,22 @@ def test_bad_docker_config_entry(tmp_path: Path) -> None:
 
 def test_no_docker_config(tmp_path: Path) -> None:
     assert find_credentials("h:1", {"HOME": str(tmp_path)}) is None
+
+
+def test_progress_lines_only_for_long_transfers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_flightvm.cache import registry
+
+    now = [100.0]
+    monkeypatch.setattr(registry.time, "monotonic", lambda: now[0])
+    lines: list[str] = []
+    quick = registry._Progress("pulling", 10 << 20, lines.append)
+    quick.update(10 << 20)
+    quick.finish()
+    assert lines == []
+    slow = registry._Progress("pulling", 400 << 20, lines.append)
+    for _ in range(5):
+        now[0] += 1.0
+        slow.update(80 << 20)
+    slow.finish()
+    assert lines == ["pulling: 160/400 MiB (80 MiB/s)", "pulling: 320/400 MiB (80 MiB/s)",
+                     "pulling: 400/400 MiB (80 MiB/s) done"]
