@@ -349,7 +349,7 @@ def _error_message(resp: requests.Response) -> str:
         msgs = [f"{e.get('code', '')} {e.get('message', '')}".strip() for e in errors]
         if msgs:
             return "; ".join(msgs)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, requests.exceptions.RequestException):
         pass
     return f"HTTP {resp.status_code} {resp.reason}"
 
@@ -524,7 +524,7 @@ class FlightRegistry(oras.provider.Registry):
                 )
             if r.status_code != 200:
                 raise RegistryError(f"token service of {self.ref.host}: {_error_message(r)}")
-            body = r.json()
+            body = self._json(r, f"token service of {self.ref.host}")
             token = str(body.get("token") or body.get("access_token") or "")
             self._tokens[cache_key] = token
         self._authorization = f"Bearer {token}"
@@ -537,6 +537,23 @@ class FlightRegistry(oras.provider.Registry):
         if resp.status_code == 404:
             raise ArtifactNotFound(f"{what} not found")
         raise RegistryError(f"{what}: registry {self.ref.host} answered {message}")
+
+    def _body(self, resp: requests.Response) -> bytes:
+        try:
+            return resp.content
+        except (requests.exceptions.RequestException, OSError) as exc:
+            raise self._unavailable(exc) from None
+        finally:
+            resp.close()
+
+    def _json(self, resp: requests.Response, what: str) -> dict[str, Any]:
+        try:
+            data = json.loads(self._body(resp))
+        except ValueError:
+            raise RegistryError(f"{what}: the registry answered something that is not JSON") from None
+        if not isinstance(data, dict):
+            raise RegistryError(f"{what}: unexpected answer from the registry")
+        return data
 
     def _url(self, location: str) -> str:
         if location.startswith("http"):
@@ -560,7 +577,7 @@ class FlightRegistry(oras.provider.Registry):
             if resp.status_code == 404:
                 return tags
             self._check(resp, f"tags of {self.ref.name}")
-            tags.extend(resp.json().get("tags") or [])
+            tags.extend(self._json(resp, f"tags of {self.ref.name}").get("tags") or [])
             nxt = resp.links.get("next", {}).get("url")
             url = self._url(nxt) if nxt else None
         return tags
@@ -708,7 +725,7 @@ class FlightRegistry(oras.provider.Registry):
         moved = 0
         if config.get("digest"):
             resp = self._get_blob(str(config["digest"]))
-            body = resp.content
+            body = self._body(resp)
             moved += len(body)
             if "sha256:" + hashlib.sha256(body).hexdigest() != config["digest"]:
                 raise IntegrityError(f"{what}: image config does not match its digest")

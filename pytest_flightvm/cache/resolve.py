@@ -13,7 +13,8 @@ Decisions worth knowing:
   xdist) counts as a hit, so N workers still cause one build.
 * A down, stalled or corrupt registry, or a missing artifact, falls back to a
   build with a one-line message; wrong credentials are an error (fix them).
-* A failed push after a build is a one-line warning, not an error.
+* A failed push after a build is a one-line warning, not an error. The push
+  happens after the lock is released, so waiting workers need not wait for it.
 * ``settings.image`` pins the base: a local qcow2 path is copied into the
   store (once, while the file is unchanged); a registry reference is pulled
   (by digest: once; by tag: one HEAD request to notice a moved tag).
@@ -205,11 +206,12 @@ def _resolve_key(
         digest = _build(store, builder, key, log)
         store.set_ref(ref_name, digest, source="build", run=run, tags=list(tags),
                       builder=builder.identity)
-        moved = 0
-        if settings.push and registry is not None:
-            result = _try_push(registry, store, digest, tags, key, settings, log)
-            moved = result.bytes if result else 0
-        return done(digest, "build", moved)
+    # Push outside the lock: the other workers can use the stored image meanwhile.
+    moved = 0
+    if settings.push and registry is not None:
+        result = _try_push(registry, store, digest, tags, key, settings, log)
+        moved = result.bytes if result else 0
+    return done(digest, "build", moved)
 
 
 def _build(store: Store, builder: Builder, key: CacheKey, log: Log) -> str:
