@@ -257,3 +257,73 @@ def test_key_tag_matches_what_the_cli_would_push(pushed: Settings, tmp_path: Pat
     key = compute_key(CommandBuilder(pushed.build_cmd or "").identity, (), tmp_path, "amd64")
     assert tags_for("base-qcow2", key, "amd64", tmp_path)[0] in FlightRegistry(
         pushed.registry or "").tags()
+
+
+@pytest.fixture
+def stalls_mid_blob(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Fault injection: a registry front that serves a valid manifest, then sends the
+    first 64 KiB of the blob and goes silent (a stall mid-transfer)."""
+    import hashlib
+    import http.server
+    import threading
+
+    from pytest_flightvm.cache.registry import ANN_ARCH, ANN_KEY, LAYER_MEDIA_TYPE, OCI_MANIFEST
+
+    release = threading.Event()
+    state: dict[str, str] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if "/manifests/" in self.path:
+                manifest = {
+                    "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                    "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+                               "digest": "sha256:" + hashlib.sha256(b"{}").hexdigest(),
+                               "size": 2},
+                    "layers": [{"mediaType": LAYER_MEDIA_TYPE, "digest": "sha256:" + "a" * 64,
+                                "size": 8 << 20}],
+                    "annotations": {ANN_ARCH: "amd64", ANN_KEY: state.get("key", "")},
+                }
+                body = json.dumps(manifest).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", OCI_MANIFEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(8 << 20))
+            self.end_headers()
+            self.wfile.write(b"QFI\xfb" + b"\0" * (64 << 10))
+            self.wfile.flush()
+            release.wait(30)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state["repo"] = f"127.0.0.1:{server.server_address[1]}/flightvm/base"
+    yield state
+    release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_stall_mid_blob_is_detected_and_leaves_nothing(stalls_mid_blob: dict[str, str],
+                                                       tmp_path: Path,
+                                                       disk: Path) -> None:
+    settings = settings_for(tmp_path, disk, stalls_mid_blob["repo"])
+    key = compute_key(CommandBuilder(settings.build_cmd or "").identity, (), tmp_path, "amd64")
+    stalls_mid_blob["key"] = key.digest
+    msgs: list[str] = []
+    start = time.monotonic()
+    image = resolve_image(settings, log=msgs.append)
+    assert time.monotonic() - start < 10
+    assert image.source == "build"
+    assert [m for m in msgs if "unreachable" in m and "no answer" in m]
+    store = Store(settings.store_dir)
+    assert [e.digest for e in store.ls()] == [image.digest]
+    assert list((store.root / "tmp").iterdir()) == []
