@@ -296,15 +296,15 @@ def _pinned_path(
                          time.monotonic() - start, 0, settings.arch)
 
 
-def _pin_ref_name(ref: Reference) -> str:
-    raw = f"pin/{ref.host}/{ref.repository}/{ref.digest or ref.tag}"
+def _pin_ref_name(ref: Reference, arch: str) -> str:
+    raw = f"pin/{arch}/{ref.host}/{ref.repository}/{ref.digest or ref.tag}"
     return re.sub(r"[^A-Za-z0-9_.:@+/-]", "_", raw)
 
 
 def _pinned_ref(
     settings: Settings, store: Store, ref: Reference, log: Log, start: float
 ) -> ResolvedImage:
-    ref_name = _pin_ref_name(ref)
+    ref_name = _pin_ref_name(ref, settings.arch)  # per arch: never hand out another arch's copy
 
     def done(digest: str, source: str, moved: int) -> ResolvedImage:
         return ResolvedImage(store.blob_path(digest), digest, "", (str(ref),), source,

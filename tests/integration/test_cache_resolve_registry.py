@@ -22,7 +22,7 @@ from pytest_flightvm.cache.key import compute_key, tags_for
 from pytest_flightvm.cache.registry import FlightRegistry
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.config import Settings
-from pytest_flightvm.errors import RegistryUnavailable
+from pytest_flightvm.errors import ArtifactNotFound, RegistryUnavailable
 
 
 def quiet(_msg: str) -> None:
@@ -244,6 +244,10 @@ def test_pinned_registry_ref_by_tag_and_digest(registry_repo: str, tmp_path: Pat
     d = resolve_image(by_digest, log=quiet)
     assert c.source == "registry" and d.source == "local" and c.digest == a.digest
     assert builds(tmp_path) == 0
+
+    # Another arch never gets this copy, not even from the local store.
+    with pytest.raises(ArtifactNotFound, match="not arm64"):
+        resolve_image(by_digest.replace(arch="arm64"), log=quiet)
 
     # The tag moves: the pin follows it.
     other = tmp_path / "other.qcow2"
