@@ -204,12 +204,16 @@ def _seed_render(args: argparse.Namespace) -> int:
 
             fragment, payload = flightctl.flightctl_seed(flightctl.load_vm_config(args.vm_config))
             overrides.append(fragment)
-        key = ""
         if args.ssh_key:
             try:
                 key = args.ssh_key.read_text().strip()
             except OSError as exc:
                 raise ConfigError(f"cannot read --ssh-key {args.ssh_key}: {exc.strerror}") from None
+        else:
+            from .vm.ssh import generate_keypair
+
+            private, key = generate_keypair(args.output.parent, args.output.name + ".id_ed25519")
+            _err(f"flightvm: no --ssh-key given; generated {private} (0600) for user flightvm")
         instance = args.instance_id or f"flightvm-{uuid.uuid4().hex[:12]}"
         files = render(SeedSpec(instance_id=instance, hostname=instance[:63],
                                 mac=args.mac, ssh_public_key=key,

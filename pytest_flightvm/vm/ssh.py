@@ -47,7 +47,7 @@ def generate_keypair(directory: Path, name: str = "id_ed25519") -> tuple[Path, s
             check=True, capture_output=True,
         )
     key.chmod(0o600)
-    return key, key.with_suffix(".pub").read_text().strip()
+    return key, key.parent.joinpath(key.name + ".pub").read_text().strip()
 
 
 class SSHClient:
