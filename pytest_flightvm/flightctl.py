@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -228,3 +229,20 @@ def diagnose(vm: _Runs) -> str:
         if text:
             parts.append(f"--- {title} ---\n{text}")
     return "\n".join(parts)
+
+
+def before_snapshot(vm: _Runs) -> None:
+    """Stop the agent before the pristine snapshot, so a revert never resumes an
+    agent mid-conversation with keys or state that no longer match (upstream
+    flightctl hit exactly this)."""
+    vm.run(f"sudo systemctl stop {AGENT_UNIT}", check=True, timeout=60)
+
+
+def after_revert(vm: _Runs) -> None:
+    """Start the agent again after a revert (or right after the snapshot)."""
+    vm.run(f"sudo systemctl start {AGENT_UNIT}", check=True, timeout=60)
+    for _ in range(30):
+        if vm.run(f"systemctl is-active {AGENT_UNIT}", check=False, timeout=20).stdout.strip() == "active":
+            return
+        time.sleep(1)
+    raise BootError(f"{AGENT_UNIT} is not active after the revert", detail=diagnose(vm))

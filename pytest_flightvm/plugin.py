@@ -253,17 +253,30 @@ def flightvm_factory(_flightvm_core: VMFactory, pytestconfig: pytest.Config) -> 
     return Factory()
 
 
-def _pool(request: pytest.FixtureRequest, name: str) -> VMPool:
+def _pool(request: pytest.FixtureRequest, name: str, profile: Any = None) -> VMPool:
+    """The worker's pool for one kind of VM; ``profile`` may add its own
+    ``before_snapshot(vm)`` / ``after_revert(vm)`` around the user's hooks."""
     state = request.config.stash[_state_key]
     pools: dict[str, VMPool] = state.setdefault("pools", {})
     if name not in pools:
         core: VMFactory = request.getfixturevalue("_flightvm_core")
         hook = request.config.hook
+
+        def before_snapshot(vm: Machine) -> None:
+            hook.pytest_flightvm_before_snapshot(vm=vm)
+            if profile is not None:
+                profile.before_snapshot(vm)
+
+        def after_revert(vm: Machine) -> None:
+            if profile is not None:
+                profile.after_revert(vm)
+            hook.pytest_flightvm_after_revert(vm=vm)
+
         pools[name] = VMPool(
             core,
             on_ready=lambda vm: hook.pytest_flightvm_vm_ready(vm=vm),
-            before_snapshot=lambda vm: hook.pytest_flightvm_before_snapshot(vm=vm),
-            after_revert=lambda vm: hook.pytest_flightvm_after_revert(vm=vm),
+            before_snapshot=before_snapshot,
+            after_revert=after_revert,
             notice=_progress(request.config),
         )
     return pools[name]
@@ -281,7 +294,7 @@ def _marker_overrides(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[str, Any],
-               extra: dict[str, Any]) -> Iterator[Machine]:
+               extra: dict[str, Any], profile: Any = None) -> Iterator[Machine]:
     settings: Settings = request.config.stash[_settings_key]
     marks = _marker_overrides(request)
     reset = marks.get("reset") or settings.reset
@@ -290,7 +303,7 @@ def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[s
                     user_data=user_datas + extra.get("user_data", ()),
                     seed_payload=extra.get("seed_payload", {}),
                     ready_checks=extra.get("ready_checks", ()))
-    pool = _pool(request, pool_name)
+    pool = _pool(request, pool_name, profile)
     try:
         vm = pool.acquire(req, reset)
     except BootError as exc:
@@ -350,7 +363,7 @@ def flightctl_vm(request: pytest.FixtureRequest, flightvm_settings: Settings,
     fragment, payload = flightctl.flightctl_seed(vm_config)
     extra = {"user_data": (fragment,), "seed_payload": payload,
              "ready_checks": (flightctl.agent_ready,), "diagnose": flightctl.diagnose}
-    yield from _pooled_vm(request, "flightctl", flightvm_user_data, extra)
+    yield from _pooled_vm(request, "flightctl", flightvm_user_data, extra, profile=flightctl)
 
 
 # ---------------------------------------------------------- reports, hooks
