@@ -1,0 +1,1 @@
+"""Built-in base image builders (the zero-config default image)."""

@@ -1,0 +1,186 @@
+"""The built-in Debian bookworm builder: the zero-config default base image.
+
+``DebianBuilder().build(out)`` runs ``debian-build.sh`` (next to this file) as
+root. The script makes a generic BIOS+GRUB qcow2 with cloud-init (NoCloud
+only), no users and no keys. ``identity`` hashes the script's bytes, so any
+edit to the script changes the cache key. Nothing here imports pytest.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import BuildError, ConfigError, ToolMissingError
+
+Log = Callable[[str], None]
+
+SCRIPT = Path(__file__).with_name("debian-build.sh")
+
+# Host tools the script needs, with the Debian package that provides each.
+# Kept in step with the check at the top of debian-build.sh.
+TOOLS: tuple[tuple[str, str], ...] = (
+    ("bash", "bash"),
+    ("mmdebstrap", "mmdebstrap"),
+    ("mke2fs", "e2fsprogs"),
+    ("sfdisk", "fdisk"),
+    ("losetup", "mount"),
+    ("mount", "mount"),
+    ("umount", "mount"),
+    ("grub-install", "grub2-common"),
+    ("qemu-img", "qemu-utils"),
+    ("chroot", "coreutils"),
+)
+GRUB_BIOS_DIR = Path("/usr/lib/grub/i386-pc")
+# The script appends these to PATH; a non-login root shell may lack them.
+EXTRA_PATH = ("/usr/sbin", "/sbin")
+TAIL_LINES = 30
+TERM_GRACE_S = 30.0
+
+
+def _noop(_line: str) -> None:
+    pass
+
+
+def _search_path() -> str:
+    parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    parts += [p for p in EXTRA_PATH if p not in parts]
+    return os.pathsep.join(parts)
+
+
+class DebianBuilder:
+    """Builds a Debian bookworm + cloud-init qcow2 with mmdebstrap (needs root)."""
+
+    name = "debian-bookworm"
+
+    def __init__(self, script: Path | None = None) -> None:
+        self._script = script
+
+    @property
+    def script(self) -> Path:
+        return self._script if self._script is not None else SCRIPT
+
+    @property
+    def identity(self) -> str:
+        try:
+            data = self.script.read_bytes()
+        except OSError as exc:
+            raise BuildError(
+                f"the built-in Debian build script is unreadable at {self.script} "
+                f"({exc.strerror}); reinstall pytest-flightvm"
+            ) from None
+        return f"{self.name}:{hashlib.sha256(data).hexdigest()}"
+
+    def __repr__(self) -> str:
+        return f"DebianBuilder({str(self.script)!r})"
+
+    def check_host(self) -> None:
+        """ConfigError / ToolMissingError (one actionable line) if this host cannot build."""
+        if os.geteuid() != 0:
+            raise ConfigError(
+                "the built-in Debian builder must run as root (mmdebstrap, losetup, mount); "
+                "run as root, or set --flightvm-image / --flightvm-build-cmd"
+            )
+        path = _search_path()
+        for tool, package in TOOLS:
+            if shutil.which(tool, path=path) is None:
+                raise ToolMissingError(
+                    f"{tool} not found; install it with: apt-get install {package}"
+                )
+        if not (GRUB_BIOS_DIR / "modinfo.sh").exists():
+            raise ToolMissingError(
+                f"GRUB BIOS modules ({GRUB_BIOS_DIR}) not found; "
+                "install them with: apt-get install grub-pc-bin"
+            )
+        if not self.script.is_file():
+            raise BuildError(
+                f"the built-in Debian build script is missing at {self.script}; "
+                "reinstall pytest-flightvm"
+            )
+
+    def build(self, output: Path, *, log: Log = _noop) -> None:
+        """Write the qcow2 to ``output`` (atomically), streaming progress to ``log``."""
+        self.check_host()
+        output = Path(output).absolute()
+        if not output.parent.is_dir():
+            raise ConfigError(f"cannot build into {output}: {output.parent} is not a directory")
+        env = dict(os.environ, PATH=_search_path())
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        try:
+            proc = subprocess.Popen(
+                ["bash", str(self.script), str(output)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,  # the script sends everything to stderr
+                env=env,
+                start_new_session=True,  # so an interrupt can signal the whole tree
+            )
+        except OSError as exc:
+            raise BuildError(f"cannot run {self.script}: {exc.strerror}") from None
+        assert proc.stdout is not None
+        try:
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace").rstrip()
+                if line:
+                    tail.append(line)
+                    log(line)
+            proc.wait()
+        except BaseException:
+            _stop(proc)
+            raise
+        finally:
+            proc.stdout.close()
+        if proc.returncode != 0:
+            raise BuildError(
+                f"building the Debian base image failed (exit {proc.returncode}): "
+                + _headline(list(tail))[:400],
+                detail="\n".join(tail),
+            )
+        if not output.is_file():
+            raise BuildError(f"the Debian build script exited 0 but wrote no file at {output}")
+
+
+def _headline(tail: list[str]) -> str:
+    """The most useful line of a failed build's output, for a one-line error.
+
+    The script's own ``build: error:`` line wins; otherwise apt's first ``E:``
+    line (the root cause, e.g. a failed fetch) with the step that failed;
+    otherwise the last line.
+    """
+    if not tail:
+        return "no output"
+    last = tail[-1]
+    errors = [line for line in tail if line.startswith("build: error:")]
+    if errors:
+        return errors[-1]
+    apt = [line for line in tail if line.startswith("E: ")]
+    if apt and last.startswith("build: failed"):
+        return f"{last} | {apt[0]}"
+    if apt:
+        return apt[0]
+    return last
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the build's process group (its trap unmounts and detaches loops),
+    then SIGKILL if it does not finish in time."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=TERM_GRACE_S)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        proc.wait()
