@@ -85,6 +85,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     try:
         settings = _settings_from(config)
+        _check_inputs(settings)
     except ConfigError as exc:
         raise pytest.UsageError(f"flightvm: {exc}") from None
     config.stash[_settings_key] = settings
@@ -98,6 +99,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_state_key] = {"image": None}
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "flightvm-xdist")
+
+
+def _check_inputs(settings: Settings) -> None:
+    """Validate input dirs up front: bad input stops the run before any VM starts."""
+    if settings.vm_config is not None:
+        from . import flightctl
+
+        flightctl.load_vm_config(settings.vm_config)
+    if settings.cloud_init_dir is not None:
+        from .seed.render import load_cloud_init_dir
+
+        load_cloud_init_dir(settings.cloud_init_dir)
 
 
 def _is_controller(config: pytest.Config) -> bool:

@@ -25,7 +25,9 @@ def test_bad_ini_value_names_the_key(pytester: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(["*ini flightvm_memory: expected a number*"])
 
 
-def test_settings_fixture_sees_cli_and_env(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_fixture_sees_cli_and_env(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("QCOW2_CACHE_TAG", "legacy")
     pytester.makepyfile("""
         def test_s(flightvm_settings):
