@@ -37,6 +37,20 @@ class IntegrityError(CacheError):
     """Content did not match its digest."""
 
 
+class StoreUnusable(CacheError):
+    """The cache dir cannot be created or written (not a directory, read-only, full).
+
+    Bad input, not a transient failure: the user must free space or pass
+    another ``--flightvm-cache-dir``; fetching or building elsewhere cannot help.
+    """
+
+    exit_code = 2
+
+
+class NotQcow2Error(ConfigError):
+    """An image (a pulled artifact, a pinned file) is not a qcow2 disk."""
+
+
 class RegistryError(FlightVMError):
     """The OCI registry failed."""
 
@@ -61,6 +75,12 @@ class BuildError(FlightVMError):
 
 class LibvirtError(FlightVMError):
     """libvirt is unreachable or refused an operation."""
+
+
+class LibvirtUnreachable(LibvirtError):
+    """No libvirt answers at the configured URI: start it or fix the URI (bad input)."""
+
+    exit_code = 2
 
 
 class BootError(FlightVMError):

@@ -46,6 +46,7 @@ from ..errors import (
     FlightVMError,
     RegistryAuthError,
     RegistryUnavailable,
+    StoreUnusable,
 )
 from .build import Builder, builder_for, check_qcow2
 from .key import CacheKey, compute_key, git_commit, tags_for
@@ -189,8 +190,8 @@ def _resolve_key(
             try:
                 pulled = registry.pull_disk(tags[0], store, arch=settings.arch, key=key.digest,
                                             log=log)
-            except RegistryAuthError:
-                raise
+            except (RegistryAuthError, StoreUnusable):
+                raise  # a build cannot help: wrong credentials, or no room in the store
             except ArtifactNotFound as exc:
                 log(f"flightvm: no cached base image in the registry ({exc}); building it")
             except RegistryUnavailable as exc:

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 from filelock import FileLock
 
-from ..errors import CacheError, IntegrityError
+from ..errors import CacheError, IntegrityError, StoreUnusable
 
 log = logging.getLogger("flightvm.cache.store")
 
@@ -143,7 +143,7 @@ class BlobWriter:
         return len(chunk)
 
     def _io_error(self, exc: OSError) -> CacheError:
-        return CacheError(
+        return StoreUnusable(
             f"cannot write to the image store at {self.store.root} ({exc.strerror}); "
             "free space there or set --flightvm-cache-dir"
         )
@@ -218,7 +218,7 @@ class Store:
             for sub in ("blobs/sha256", "meta/sha256", "refs", "locks", "tmp"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CacheError(
+            raise StoreUnusable(
                 f"cannot create the image store at {self.root} ({exc.strerror}); "
                 "set --flightvm-cache-dir to a writable directory"
             ) from None
