@@ -55,10 +55,12 @@ from ..errors import (
     ConfigError,
     FlightVMError,
     IntegrityError,
+    NotQcow2Error,
     RegistryAuthError,
     RegistryError,
     RegistryUnavailable,
 )
+from .build import QCOW2_MAGIC
 from .store import Store
 
 log = logging.getLogger("flightvm.cache.registry")
@@ -671,6 +673,7 @@ class FlightRegistry(oras.provider.Registry):
             annotations = dict(manifest.get("annotations") or {})
             digest, moved = self._pull_container(manifest, store, arch, what, log)
             layout = "container"
+        _require_qcow2(store, digest, what)
         return PullResult(digest, manifest_digest, moved, time.monotonic() - start, layout,
                           annotations)
 
@@ -963,6 +966,22 @@ class FlightRegistry(oras.provider.Registry):
         if proc.returncode != 0:
             raise RegistryError(f"zstd failed on {path}: {err.decode(errors='replace').strip()}")
         return digest, size
+
+
+def _require_qcow2(store: Store, digest: str, what: str) -> None:
+    """A pulled disk must be a qcow2: QEMU would only fail on it later, after a VM
+    was set up. A blob that is not is dropped from the store again."""
+    try:
+        with open(store.blob_path(digest), "rb") as f:
+            magic = f.read(len(QCOW2_MAGIC))
+    except OSError as exc:
+        raise RegistryError(f"cannot read the disk pulled from {what}: {exc.strerror}") from None
+    if magic != QCOW2_MAGIC:
+        store.remove(digest)
+        raise NotQcow2Error(
+            f"{what} is not a qcow2 disk image (it starts with {magic!r}); push a qcow2 "
+            "(qemu-img convert -O qcow2) or point --flightvm-image/--flightvm-registry elsewhere"
+        )
 
 
 def _file_chunks(path: Path, progress: _Progress) -> Iterator[bytes]:
