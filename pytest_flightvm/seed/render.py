@@ -244,4 +244,7 @@ def load_cloud_init_dir(path: Path) -> dict[str, bytes]:
             raise ConfigError(
                 f"cannot read {item} from the cloud-init dir: {exc.strerror}"
             ) from None
+    if files["user-data"].lstrip().startswith(b"#cloud-config"):
+        # cloud-init would reject bad YAML only inside the guest, after a whole boot.
+        load_yaml_mapping(root / "user-data", "user-data")
     return files
