@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ..errors import LibvirtError
+from ..errors import LibvirtError, LibvirtUnreachable
 
 _silenced = False
 _lock = threading.Lock()
@@ -35,7 +35,7 @@ def connect(uri: str) -> Any:
         return libvirt.open(uri)
     except libvirt.libvirtError as exc:
         msg = (exc.get_error_message() or str(exc)).splitlines()[0]
-        raise LibvirtError(
+        raise LibvirtUnreachable(
             f"cannot reach libvirt at {uri} ({msg}); start libvirtd (make host) "
             "or pass --flightvm-libvirt-uri"
         ) from None
