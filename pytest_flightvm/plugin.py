@@ -192,13 +192,14 @@ def flightvm_run(pytestconfig: pytest.Config, flightvm_settings: Settings) -> Ru
     from .vm.reaper import write_run_file
 
     run = pytestconfig.stash[_run_key]
+    problem = None
     try:
         run.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
-        raise pytest.UsageError(
-            f"flightvm: cache dir {flightvm_settings.cache_dir} is not writable ({exc.strerror}); "
-            "pass --flightvm-cache-dir"
-        ) from None
+        problem = exc.strerror or str(exc)
+    if problem is not None:  # failed outside the except: no chained traceback in the report
+        _fail_setup(ConfigError(f"cache dir {flightvm_settings.cache_dir} is not writable "
+                                f"({problem}); pass --flightvm-cache-dir"))
     if _is_controller(pytestconfig) and not (run.run_dir / "run.json").exists():
         write_run_file(run.run_dir)
     return run
