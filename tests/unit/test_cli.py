@@ -64,6 +64,35 @@ def test_seed_render_cloud_init_dir_without_meta_data(tmp_path: Path) -> None:
 def test_libvirt_unreachable_is_one_line(tmp_path: Path) -> None:
     proc = run("gc", "--libvirt-uri", "qemu+unix:///system?socket=/nonexistent/sock",
                "--cache-dir", str(tmp_path))
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input: the URI is wrong or libvirtd is not started
     assert proc.stderr.startswith("flightvm: cannot reach libvirt at")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_seed_render_cloud_init_dir_with_bad_yaml_exit_2(tmp_path: Path) -> None:
+    ci = tmp_path / "ci"
+    ci.mkdir()
+    (ci / "user-data").write_text("#cloud-config\nruncmd: [a,\n")
+    (ci / "meta-data").write_text("instance-id: i-1\n")
+    proc = run("seed", "render", "--cloud-init-dir", str(ci), "-o", str(tmp_path / "s.iso"))
+    assert proc.returncode == 2
+    assert "user-data line 3" in proc.stderr and "fix the YAML" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s.iso").exists()
+
+
+def test_seed_render_cloud_init_dir_script_user_data_is_packed_as_is(tmp_path: Path) -> None:
+    ci = tmp_path / "ci"
+    ci.mkdir()
+    (ci / "user-data").write_text("#!/bin/sh\necho [not yaml\n")
+    (ci / "meta-data").write_text("instance-id: i-1\n")
+    proc = run("seed", "render", "--cloud-init-dir", str(ci), "-o", str(tmp_path / "s.iso"))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_cache_dir_under_a_file_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    proc = run("cache", "ls", "--cache-dir", str(tmp_path / "file" / "cache"))
+    assert proc.returncode == 2
+    assert "Not a directory" in proc.stderr and "--flightvm-cache-dir" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
