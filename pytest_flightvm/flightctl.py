@@ -204,7 +204,8 @@ def agent_ready(vm: _Runs) -> bool:
     Raises BootError as soon as the setup script or the service has failed,
     instead of waiting for the deadline.
     """
-    state = vm.run(f"systemctl is-active {AGENT_UNIT}", check=False, timeout=20).stdout.strip()
+    # sudo: without a D-Bus session, systemctl as a user cannot reach systemd.
+    state = vm.run(f"sudo systemctl is-active {AGENT_UNIT}", check=False, timeout=20).stdout.strip()
     if state == "active":
         return True
     log = vm.run(f"sudo cat {GUEST_LOG} 2>/dev/null", check=False, timeout=20).stdout
@@ -242,7 +243,8 @@ def after_revert(vm: _Runs) -> None:
     """Start the agent again after a revert (or right after the snapshot)."""
     vm.run(f"sudo systemctl start {AGENT_UNIT}", check=True, timeout=60)
     for _ in range(30):
-        if vm.run(f"systemctl is-active {AGENT_UNIT}", check=False, timeout=20).stdout.strip() == "active":
+        if vm.run(f"sudo systemctl is-active {AGENT_UNIT}", check=False,
+                  timeout=20).stdout.strip() == "active":
             return
         time.sleep(1)
     raise BootError(f"{AGENT_UNIT} is not active after the revert", detail=diagnose(vm))

@@ -24,7 +24,7 @@ SUITE=bookworm
 DISK_SIZE_MIB=4096          # virtual size; qcow2 stores only what is used
 PART_START_SECTOR=2048      # 1 MiB
 PART_OFFSET=$((PART_START_SECTOR * 512))
-PACKAGES=systemd-sysv,linux-image-cloud-amd64,cloud-init,cloud-guest-utils,openssh-server,qemu-guest-agent,sudo,udev,ifupdown,isc-dhcp-client,netbase,iproute2,locales
+PACKAGES=systemd-sysv,linux-image-cloud-amd64,cloud-init,cloud-guest-utils,openssh-server,qemu-guest-agent,sudo,udev,ifupdown,isc-dhcp-client,netbase,iproute2,locales,ca-certificates,openssl,dbus
 
 STEP="starting"
 say() { STEP=$*; printf 'build: %s\n' "$*" >&2; }

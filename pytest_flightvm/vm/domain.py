@@ -85,7 +85,8 @@ class DomainSpec:
         files = "".join(f"<flightvm:file>{escape(str(p))}</flightvm:file>" for p in self.files)
         o = self.owner
         netdev = f"user,id=fvmnet0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
-        nic = f"virtio-net-pci,netdev=fvmnet0,mac={self.mac},bus=pcie.0,addr=0x10"
+        # romfile= skips the iPXE option ROM: we never network-boot.
+        nic = f"virtio-net-pci,netdev=fvmnet0,mac={self.mac},bus=pcie.0,addr=0x10,romfile="
         return f"""<domain type='{dom_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{escape(self.name)}</name>
   <metadata>

@@ -125,7 +125,7 @@ class VMFactory:
             self.notice(f"flightvm: KVM cannot run guests on this host ({exc}); "
                         "falling back to TCG (verdict remembered)")
             machine = self._boot(name, request, "tcg", False)
-        if probation:
+        if probation and machine.accel == "kvm":
             accel_mod.save_verdict(self.settings.cache_dir, "kvm", "a guest booted under KVM")
         return machine
 

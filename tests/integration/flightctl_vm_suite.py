@@ -105,7 +105,7 @@ def test_registry_conf_installed(flightctl_vm: Any, facts: dict[str, Any]) -> No
 def test_agent_service_active_and_saw_the_config(
     flightctl_vm: Any, facts: dict[str, Any]
 ) -> None:
-    state = flightctl_vm.run(f"systemctl is-active {facts['unit']}", check=False)
+    state = flightctl_vm.run(f"sudo systemctl is-active {facts['unit']}", check=False)
     assert state.stdout.strip() == "active", state.stdout + state.stderr
     deadline = time.monotonic() + 60
     status = ""

@@ -55,7 +55,7 @@ def recall():
 def assert_clean(vm):
     assert vm.run("test -e /var/tmp/dirty", check=False).returncode == 1
     assert vm.run("pgrep -f 'sleep 12345'", check=False).returncode == 1
-    assert vm.run("systemctl is-active fvm-demo.service", check=False).stdout.strip() == "active"
+    assert vm.run("sudo systemctl is-active fvm-demo.service", check=False).stdout.strip() == "active"
 
 
 def dirty(vm):
@@ -63,7 +63,7 @@ def dirty(vm):
     vm.run("setsid nohup sleep 12345 >/dev/null 2>&1 < /dev/null &")
     vm.run("sudo systemctl stop fvm-demo.service")
     assert vm.run("pgrep -f 'sleep 12345'", check=False).returncode == 0
-    assert vm.run("systemctl is-active fvm-demo.service", check=False).stdout.strip() != "active"
+    assert vm.run("sudo systemctl is-active fvm-demo.service", check=False).stdout.strip() != "active"
 
 
 def test_a_dirty(flightvm):
