@@ -164,10 +164,25 @@ def _cache(args: argparse.Namespace, settings: Settings) -> int:
             print(tag)
         return 0
     if verb == "ls":
+        import json
+
+        from .cache.build import builder_for
+        from .cache.key import compute_key
+        from .cache.store import Store
+
+        key = compute_key(builder_for(settings.build_cmd, settings.rootdir).identity,
+                          settings.build_inputs, settings.rootdir, settings.arch)
+        print(f"current key: {key.digest}")
+        print(f"  made from: {json.dumps(key.parts, sort_keys=True)}")
         entries, tags = r.list_images(settings)
-        print(f"{'DIGEST':<20} {'SIZE':>10}  REFS")
+        store = Store(settings.store_dir)
+        print(f"\n{'DIGEST':<20} {'SIZE':>10}  REFS")
         for e in entries:
             print(f"{e.digest[:19]:<20} {e.size:>10}  {', '.join(e.refs)}")
+            for ref in e.refs:
+                parts = (store.ref_info(ref) or {}).get("parts")
+                if parts:
+                    print(f"{'':<32}{ref[:16]}… made from: {json.dumps(parts, sort_keys=True)}")
         if tags is not None:
             print(f"\nregistry {settings.registry} tags:")
             for t in tags:

@@ -201,12 +201,12 @@ def _resolve_key(
                 log(f"flightvm: warning: registry pull failed ({exc}); building locally")
             else:
                 store.set_ref(ref_name, pulled.digest, source="registry", run=run,
-                              manifest=pulled.manifest_digest, tags=list(tags))
+                              manifest=pulled.manifest_digest, tags=list(tags), parts=key.parts)
                 return done(pulled.digest, "registry", pulled.bytes)
 
         digest = _build(store, builder, key, log)
         store.set_ref(ref_name, digest, source="build", run=run, tags=list(tags),
-                      builder=builder.identity)
+                      builder=builder.identity, parts=key.parts)
     # Push outside the lock: the other workers can use the stored image meanwhile.
     moved = 0
     if settings.push and registry is not None:
