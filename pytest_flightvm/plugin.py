@@ -123,7 +123,10 @@ def _fail_setup(exc: FlightVMError) -> None:
     msg = f"flightvm: {exc}"
     if exc.detail:
         msg += "\n" + exc.detail
-    pytest.fail(msg, pytrace=False)
+    try:
+        pytest.fail(msg, pytrace=False)
+    except pytest.fail.Exception as failure:
+        raise failure from None  # no "During handling of the above exception" chain
 
 
 @contextlib.contextmanager
