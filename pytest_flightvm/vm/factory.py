@@ -133,7 +133,7 @@ class VMFactory:
         vm_dir = self.run.run_dir / "vms" / name
         shutil.rmtree(vm_dir, ignore_errors=True)
         vm_dir.mkdir(parents=True, mode=0o700)
-        port = reserve_port(self.settings.runs_dir)
+        port = reserve_port()
         mac = random_mac()
         iso = vm_dir / "seed.iso"
         self._write_seed(name, mac, request, iso)
@@ -203,7 +203,7 @@ class VMFactory:
     def discard(self, machine: Machine, *, port: int | None = None) -> None:
         """Destroy one VM now and forget it."""
         machine.destroy()
-        release_port(self.settings.runs_dir, port if port is not None else machine.ssh_port)
+        release_port(None, port if port is not None else machine.ssh_port)
         if machine in self.machines:
             self.machines.remove(machine)
 

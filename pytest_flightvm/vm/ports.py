@@ -10,11 +10,17 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 from filelock import FileLock
 
 from .domain import process_start
+
+
+def default_state_dir() -> Path:
+    """One reservation table per user and host, whatever cache dir each run uses."""
+    return Path(tempfile.gettempdir()) / f"flightvm-ports-{os.getuid()}"
 
 
 def _free_port() -> int:
@@ -23,7 +29,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def reserve_port(state_dir: Path) -> int:
+def reserve_port(state_dir: Path | None = None) -> int:
+    state_dir = state_dir or default_state_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
     table = state_dir / "ports.json"
     with FileLock(str(state_dir / "ports.lock"), timeout=30):
@@ -46,7 +53,8 @@ def reserve_port(state_dir: Path) -> int:
     raise RuntimeError("no free loopback port found")  # pragma: no cover
 
 
-def release_port(state_dir: Path, port: int) -> None:
+def release_port(state_dir: Path | None, port: int) -> None:
+    state_dir = state_dir or default_state_dir()
     table = state_dir / "ports.json"
     with FileLock(str(state_dir / "ports.lock"), timeout=30):
         try:
