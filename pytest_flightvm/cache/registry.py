@@ -345,6 +345,16 @@ def _short_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _speaks_tls(resp: requests.Response) -> bool:
+    """Go's net/http answers a plain HTTP request on a TLS port with this 400."""
+    try:
+        return "HTTP request to an HTTPS server" in resp.text
+    except (requests.exceptions.RequestException, OSError):
+        return False
+    finally:
+        resp.close()
+
+
 def _error_message(resp: requests.Response) -> str:
     try:
         errors = resp.json().get("errors") or []
@@ -452,6 +462,12 @@ class FlightRegistry(oras.provider.Registry):
                 raise RegistryError(
                     f"request to registry {self.ref.host} failed: {_short_reason(exc)}"
                 ) from None
+            if resp.status_code == 400 and url.startswith("http:") and _speaks_tls(resp):
+                raise RegistryError(
+                    f"registry {self.ref.host} speaks TLS, but was asked in plain HTTP "
+                    "(loopback registries default to HTTP); set FLIGHTVM_REGISTRY_CA to its "
+                    "CA bundle"
+                )
             if resp.status_code != 401:
                 if resp.status_code == 403:
                     resp.close()
