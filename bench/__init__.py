@@ -1,0 +1,1 @@
+"""pytest-flightvm benchmark harness: `python -m bench` (see bench/__main__.py)."""

@@ -1,0 +1,255 @@
+"""VM figures: P5 fixture request -> ready VM vs a hand-run `virsh` boot, and P6 snapshot
+reset vs reboot reset, from two real pytest runs side by side."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+from .common import VENV_BIN, Ctx, log, run_child, stat
+from .figure import Bar, Figure, verdict
+
+URI = "qemu:///system"
+SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", "-o", "LogLevel=ERROR"]
+
+# The same devices the plugin gives a guest (HOST-NOTES): q35, TCG, virtio disk on an
+# overlay, seed on a virtio-scsi cdrom, serial console to a file, user-mode NIC with an
+# ssh forward on 127.0.0.1, QEMU as root through a static DAC label.
+HAND_XML = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <memory unit='MiB'>1024</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
+  <features><acpi/><apic/></features>
+  <clock offset='utc'/>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file='{overlay}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='scsi' model='virtio-scsi'/>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <source file='{seed}'/>
+      <target dev='sda' bus='scsi'/>
+      <readonly/>
+    </disk>
+    <serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+    <memballoon model='none'/>
+  </devices>
+  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
+  <qemu:commandline>
+    <qemu:arg value='-netdev'/>
+    <qemu:arg value='user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22'/>
+    <qemu:arg value='-device'/>
+    <qemu:arg value='virtio-net-pci,netdev=n0,mac={mac},bus=pcie.0,addr=0x10'/>
+  </qemu:commandline>
+</domain>
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=120)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"virsh {args[0]} failed: {res.stderr.strip()}")
+    return res
+
+
+def hand_boot(ctx: Ctx, index: int, timeout: float = 900) -> float:
+    """What a person's script does: render a seed with the CLI, make an overlay, `virsh
+    define` + `virsh start`, then poll `ssh ... cloud-init status` until it says done.
+    Returns the seconds from the first command to done."""
+    vm_dir = ctx.scratch(f"hand-{index}")
+    vm_dir.chmod(0o755)
+    key = vm_dir / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    name = f"fvmbench-hand-{ctx.run_id}-{index}"
+    port, mac = _free_port(), f"52:54:00:be:{index % 256:02x}:01"
+    seed, overlay = vm_dir / "seed.iso", vm_dir / "overlay.qcow2"
+    console = vm_dir / "console.log"
+    xml = vm_dir / "domain.xml"
+    xml.write_text(HAND_XML.format(name=name, overlay=overlay, seed=seed, console=console,
+                                   port=port, mac=mac))
+    start = time.monotonic()
+    try:
+        run_child([str(VENV_BIN / "flightvm"), "seed", "render", "--ssh-key", f"{key}.pub",
+                   "--mac", mac, "--instance-id", f"{name}-{index}", "-o", str(seed)])
+        run_child(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                   str(ctx.base.path), str(overlay)])
+        _virsh("define", str(xml))
+        _virsh("start", name)
+        ssh = ["ssh", *SSH_OPTS, "-i", str(key), "-p", str(port), "flightvm@127.0.0.1",
+               "cloud-init status"]
+        while True:
+            res = subprocess.run(ssh, capture_output=True, text=True, timeout=30)
+            if "done" in res.stdout:
+                break
+            if "error" in res.stdout:
+                raise RuntimeError(f"hand-run guest: cloud-init {res.stdout.strip()}")
+            if time.monotonic() - start > timeout:
+                raise RuntimeError(f"hand-run guest not ready after {timeout:.0f} s")
+            time.sleep(1)
+        return time.monotonic() - start
+    finally:
+        _virsh("destroy", name, check=False)
+        _virsh("undefine", name, "--snapshots-metadata", check=False)
+        shutil.rmtree(vm_dir, ignore_errors=True)
+
+
+RESET_SUITE = textwrap.dedent("""
+    import json, os, time
+
+    import pytest
+
+    RECORD = os.environ["FLIGHTVM_BENCH_RECORD"]
+
+
+    @pytest.mark.parametrize("i", range(int(os.environ["FLIGHTVM_BENCH_TESTS"])))
+    def test_dirty_the_guest(request, i):
+        t = time.monotonic()
+        vm = request.getfixturevalue("flightvm")
+        ready = time.monotonic() - t
+        state = vm.run("test -e /var/tmp/bench-dirty && echo dirty || echo clean").stdout.strip()
+        # dirty disk, memory and a config file
+        vm.run("sudo sh -c 'head -c 20M /dev/urandom > /var/tmp/bench-dirty; "
+               "echo dirty >> /etc/motd; mkdir -p /dev/shm/x && head -c 20M /dev/zero > /dev/shm/x/f'")
+        with open(RECORD, "a") as f:
+            f.write(json.dumps({"i": i, "ready_s": ready, "state": state, "vm": vm.name}) + "\\n")
+        assert state == "clean"
+""")
+
+
+def reset_suite(ctx: Ctx, mode: str) -> dict[str, Any]:
+    """Run the 'dirty the guest' suite under --flightvm-reset MODE; return its figures."""
+    suite = ctx.scratch(f"p6-{mode}")
+    suite.chmod(0o755)
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    (suite / "test_reset.py").write_text(RESET_SUITE)
+    record, metrics = suite / "record.jsonl", suite / "metrics.json"
+    env = {"FLIGHTVM_BENCH_RECORD": str(record), "FLIGHTVM_BENCH_TESTS": str(ctx.reset_tests)}
+    log(f"P6: {ctx.reset_tests} tests under --flightvm-reset {mode}")
+    res = run_child([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                     *ctx.plugin_args(), f"--flightvm-reset={mode}", f"--flightvm-metrics={metrics}"],
+                    cwd=suite, env=env, check=False, timeout=3600)
+    try:
+        rows = [json.loads(line) for line in record.read_text().splitlines()]
+        data = json.loads(metrics.read_text())
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"reset suite ({mode}) left no record ({exc}):\n"
+                           f"{res.stdout[-2000:]}") from None
+    finally:
+        shutil.rmtree(suite, ignore_errors=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"reset suite ({mode}) failed:\n{res.stdout[-2000:]}")
+    return {"mode": mode, "suite_s": res.seconds, "rows": rows,
+            "revert_seconds": data.get("revert_seconds", []),
+            "boot_seconds": [vm.get("boot_seconds") for vm in data.get("vms", [])],
+            "accel": sorted({vm.get("accel") for vm in data.get("vms", [])}),
+            "clean": all(r["state"] == "clean" for r in rows)}
+
+
+def vm_figures(ctx: Ctx, want: set[str]) -> list[Figure]:
+    """P5 and P6 share boots: hand-run boots alternate with the two reset suites."""
+    hands: list[float] = []
+    suites: dict[str, dict[str, Any]] = {}
+    n_hand = ctx.vm_reps if "P5" in want else 0
+    modes = ["snapshot", "reboot"] if "P6" in want else ["reboot"]
+    # hand, suite, hand, suite, hand: the references interleave with the figures
+    steps: list[tuple[str, Any]] = []
+    for i in range(max(n_hand, len(modes))):
+        if i < n_hand:
+            steps.append(("hand", i))
+        if i < len(modes):
+            steps.append(("suite", modes[i]))
+    started = time.monotonic()
+    for kind, arg in steps:
+        if kind == "hand":
+            log(f"P5: hand-run virsh boot {arg + 1}/{n_hand}")
+            hands.append(hand_boot(ctx, arg))
+            log(f"P5: hand-run boot ready in {hands[-1]:.1f} s")
+        else:
+            suites[arg] = reset_suite(ctx, arg)
+            log(f"P6: {arg} suite {suites[arg]['suite_s']:.0f} s")
+    elapsed = time.monotonic() - started
+    figs: list[Figure] = []
+    if "P5" in want:
+        figs.append(_p5(hands, suites))
+    if "P6" in want:
+        figs.append(_p6(ctx, suites))
+    for f in figs:
+        f.seconds = elapsed / len(figs)
+    return figs
+
+
+def _p5(hands: list[float], suites: dict[str, dict[str, Any]]) -> Figure:
+    fig = Figure("P5", "`flightvm` fixture request → ready VM (fresh overlay + boot, TCG)",
+                 target="none set: the overhead over a hand-run boot is reported")
+    reboot = suites["reboot"]
+    fixture = stat([r["ready_s"] for r in reboot["rows"]])
+    hand = stat(hands)
+    fig.value = f"{fixture.fmt()}"
+    fig.reference = f"hand-run virsh define/start + ssh poll {hand.fmt()}"
+    fig.ratio = f"{fixture.median / hand.median:.2f}× hand-run ({fixture.median - hand.median:+.1f} s)"
+    fig.verdict = "info"
+    fig.data = {"fixture_ready_s": fixture.as_dict(), "hand_ready_s": hand.as_dict(),
+                "boot_seconds_from_metrics": reboot["boot_seconds"], "accel": reboot["accel"]}
+    if "snapshot" in suites:
+        first = suites["snapshot"]["rows"][0]["ready_s"]
+        fig.notes.append(f"with the default --flightvm-reset snapshot the first request also "
+                         f"takes the pristine snapshot: {first:.1f} s")
+        fig.data["snapshot_mode_first_ready_s"] = first
+    fig.notes.append("fixture samples: every test of the reboot-reset suite of P6 (each one "
+                     "destroys the previous VM, renders a seed, makes an overlay and boots); "
+                     "hand-run boots are interleaved with the two suites")
+    fig.bars = [Bar("flightvm fixture", fixture), Bar("hand-run virsh", hand, True)]
+    return fig
+
+
+def _p6(ctx: Ctx, suites: dict[str, dict[str, Any]]) -> Figure:
+    snap, reboot = suites["snapshot"], suites["reboot"]
+    fig = Figure("P6", f"per-test reset, {ctx.reset_tests} tests that dirty the guest",
+                 target="median snapshot reset ≤5 s; suite time ratio ≤0.25")
+    revert = stat(snap["revert_seconds"])
+    snap_ready = stat([r["ready_s"] for r in snap["rows"][1:]])
+    reboot_reset = stat([r["ready_s"] for r in reboot["rows"][1:]])
+    ratio = snap["suite_s"] / reboot["suite_s"]
+    fig.value = (f"snapshot revert {revert.fmt()} (metrics revert_seconds); suite "
+                 f"{snap['suite_s']:.0f} s")
+    fig.reference = f"reboot reset {reboot_reset.fmt()}; suite {reboot['suite_s']:.0f} s"
+    fig.ratio = f"suite time ratio {ratio:.2f}"
+    ok = revert.n > 0 and revert.median <= 5 and ratio <= 0.25 and snap["clean"] and reboot["clean"]
+    fig.verdict = verdict(ok)
+    if not (snap["clean"] and reboot["clean"]):
+        fig.notes.append("a test saw the previous test's dirt: the reset did not reset")
+    fig.notes.append(f"request → clean VM after a snapshot revert (SSH back, clock synced): "
+                     f"{snap_ready.fmt()}")
+    fig.data = {"snapshot": snap, "reboot": reboot, "revert_s": revert.as_dict(),
+                "snapshot_request_s": snap_ready.as_dict(),
+                "reboot_reset_s": reboot_reset.as_dict(), "suite_ratio": ratio}
+    fig.bars = [Bar("snapshot revert", revert), Bar("reboot reset", reboot_reset, True),
+                Bar("snapshot suite", stat([snap["suite_s"]])),
+                Bar("reboot suite", stat([reboot["suite_s"]]), True)]
+    return fig
+
+
+def leftover_domains(ctx: Ctx) -> list[str]:
+    out = _virsh("list", "--all", "--name", check=False).stdout.split()
+    return [d for d in out if d.startswith(f"fvmbench-hand-{ctx.run_id}")]
+
