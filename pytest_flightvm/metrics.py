@@ -16,7 +16,8 @@ from typing import Any
 from .vm.factory import RunContext, VMFactory
 
 
-def write_worker_metrics(run: RunContext, image: Any, factory: VMFactory) -> Path:
+def write_worker_metrics(run: RunContext, image: Any, factory: VMFactory,
+                         resets: list[dict[str, Any]] | None = None) -> Path:
     out = run.run_dir / "metrics"
     out.mkdir(exist_ok=True)
     vms = [
@@ -36,7 +37,8 @@ def write_worker_metrics(run: RunContext, image: Any, factory: VMFactory) -> Pat
                       "digest": getattr(image, "digest", None),
                       "seconds": getattr(image, "seconds", None),
                       "bytes": getattr(image, "bytes_moved", None)},
-            "vms": vms}
+            "vms": vms,
+            "resets": resets or []}
     path = out / f"{run.worker}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -61,6 +63,7 @@ def read_resolves(run_dir: Path) -> list[dict[str, Any]]:
 def aggregate(run: RunContext) -> dict[str, Any]:
     resolves = read_resolves(run.run_dir)
     vms: list[dict[str, Any]] = []
+    resets: list[dict[str, Any]] = []
     workers = []
     for path in sorted((run.run_dir / "metrics").glob("*.json")):
         try:
@@ -69,6 +72,7 @@ def aggregate(run: RunContext) -> dict[str, Any]:
             continue
         workers.append(data["worker"])
         vms.extend(data.get("vms", []))
+        resets.extend(data.get("resets", []))
     reverts = [s for vm in vms for s in vm.get("revert_seconds", [])]
     return {
         "run_id": run.run_id,
@@ -77,4 +81,5 @@ def aggregate(run: RunContext) -> dict[str, Any]:
         "image_transfers": sum(1 for r in resolves if r.get("source") != "local"),
         "vms": vms,
         "revert_seconds": reverts,
+        "resets": resets,  # one entry per reset, with the test it ran before
     }

@@ -247,7 +247,8 @@ def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
                             user_data_hook=user_data_hook, notice=emit)
     yield factory
     factory.close()
-    write_worker_metrics(flightvm_run, flightvm_image, factory)
+    write_worker_metrics(flightvm_run, flightvm_image, factory,
+                         resets=pytestconfig.stash[_state_key].get("resets", []))
 
 
 @pytest.fixture(scope="session")
@@ -322,7 +323,10 @@ def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[s
                     ready_checks=extra.get("ready_checks", ()))
     pool = _pool(request, pool_name, profile)
     try:
+        before = len(pool.resets)
         vm = pool.acquire(req, reset)
+        resets = request.config.stash[_state_key].setdefault("resets", [])
+        resets.extend({**r, "test": request.node.nodeid} for r in pool.resets[before:])
     except BootError as exc:
         failed_vm: Machine | None = getattr(exc, "machine", None)
         if failed_vm is not None:
@@ -435,6 +439,14 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         boot = vm.get("boot_seconds")
         tr.write_line(f"vm {vm['name']}: accel={vm['accel']} boot_to_ready="
                       f"{boot:.1f}s{rev}" if boot is not None else f"vm {vm['name']}: not ready")
+    resets = summary["resets"]
+    if resets:
+        reverts = sorted(r["seconds"] for r in resets if r["mode"] == "snapshot" and r["ok"])
+        fallbacks = sum(1 for r in resets if r["mode"] == "snapshot" and not r["ok"])
+        reboots = sum(1 for r in resets if r["mode"] == "reboot")
+        med = f", median {reverts[len(reverts) // 2]:.1f}s, max {reverts[-1]:.1f}s" if reverts else ""
+        tr.write_line(f"resets: {len(reverts)} snapshot revert(s){med}; {reboots} fresh boot(s)"
+                      + (f"; {fallbacks} failed revert(s) replaced by a fresh boot" if fallbacks else ""))
     for kept in run.run_dir.glob("kept-*.txt"):
         tr.write_line(kept.read_text().rstrip())
     if settings.metrics:
