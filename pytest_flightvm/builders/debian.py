@@ -129,7 +129,10 @@ class DebianBuilder:
                 line = raw.decode(errors="replace").rstrip()
                 if line:
                     tail.append(line)
-                    log(line)
+                    # Our own step lines are progress; tool chatter (mmdebstrap, apt,
+                    # grub) only matters when the build fails, via ``tail``.
+                    if line.startswith("build:"):
+                        log(line)
             proc.wait()
         except BaseException:
             _stop(proc)
