@@ -252,9 +252,11 @@ class Machine:
                     chunk = b""
                 if chunk:
                     pos += len(chunk)
+                    # the process's real stderr: pytest's capture must not swallow it
+                    out = sys.__stderr__ or sys.stderr
                     for line in chunk.decode(errors="replace").splitlines():
-                        sys.stderr.write(f"[{self.name}] {line}\n")
-                    sys.stderr.flush()
+                        out.write(f"[{self.name}] {line}\n")
+                    out.flush()
                 self._stop_stream.wait(0.5)
 
         self._streamer = threading.Thread(target=follow, name=f"console-{self.name}", daemon=True)
