@@ -193,6 +193,14 @@ class Machine:
                 break
         return self.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
 
+    def revert(self) -> float:
+        """Revert to the pristine snapshot (taken by the pool) and wait for SSH."""
+        from .snapshot import revert
+
+        seconds = revert(self)
+        self.revert_seconds.append(seconds)
+        return seconds
+
     def destroy(self, *, remove_files: bool = True) -> None:
         """Stop and undefine the domain, then delete its overlay, seed and console."""
         import libvirt

@@ -13,84 +13,18 @@ Reset modes:
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import FlightVMError
 from .factory import VMFactory, VMRequest
-from .libvirt_conn import error_text
 from .machine import Machine
+from .snapshot import revert, take_snapshot
 
 log = logging.getLogger("flightvm")
 
-SNAPSHOT_NAME = "pristine"
-REVERT_DEADLINE = 60.0
-
 VMHook = Callable[[Machine], None]
-
-
-class RevertFailed(FlightVMError):
-    pass
-
-
-def take_snapshot(machine: Machine) -> float:
-    import libvirt
-
-    start = time.monotonic()
-    machine.ssh.close()
-    try:
-        machine.dom.snapshotCreateXML(
-            f"<domainsnapshot><name>{SNAPSHOT_NAME}</name></domainsnapshot>", 0)
-    except libvirt.libvirtError as exc:
-        raise FlightVMError(f"snapshots unsupported for {machine.name}: {error_text(exc)}") from None
-    return time.monotonic() - start
-
-
-def revert(machine: Machine, *, deadline: float = REVERT_DEADLINE) -> float:
-    """Revert to the pristine snapshot and wait for SSH; raise RevertFailed on any failure."""
-    import libvirt
-
-    start = time.monotonic()
-    machine.ssh.close()
-    outcome: dict[str, BaseException | None] = {"error": None}
-
-    def do_revert() -> None:
-        try:
-            snap = machine.dom.snapshotLookupByName(SNAPSHOT_NAME, 0)
-            machine.dom.revertToSnapshot(snap, libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=do_revert, name=f"revert-{machine.name}", daemon=True)
-    worker.start()
-    worker.join(deadline)
-    if worker.is_alive():
-        raise RevertFailed(f"revert of {machine.name} did not finish in {deadline:.0f}s")
-    if outcome["error"] is not None:
-        raise RevertFailed(f"revert of {machine.name} failed: {error_text(outcome['error'])}")
-    remaining = max(1.0, deadline - (time.monotonic() - start))
-    while True:
-        res = machine.ssh.run("true", check=False, timeout=10, connect_timeout=3)
-        if res.ok:
-            break
-        if time.monotonic() - start > remaining:
-            raise RevertFailed(f"{machine.name}: SSH did not answer {deadline:.0f}s after revert")
-        time.sleep(0.2)
-    sync_clock(machine)
-    return time.monotonic() - start
-
-
-def sync_clock(machine: Machine) -> None:
-    """A reverted guest wakes with the clock of the snapshot: set it to now."""
-    now = time.time()
-    try:
-        machine.dom.setTime({"seconds": int(now), "nseconds": int((now % 1) * 1e9)}, 0)
-        return
-    except Exception:  # noqa: BLE001 - no guest agent; fall back to ssh
-        pass
-    machine.run(f"sudo date -u -s @{time.time():.3f} >/dev/null", check=False, timeout=15)
 
 
 class VMPool:
