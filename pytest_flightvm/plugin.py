@@ -28,6 +28,7 @@ from .vm.machine import Machine
 from .vm.pool import VMPool
 
 RUN_ID_KEY = "flightvm_run_id"
+OWNER_KEY = "flightvm_owner_pid"
 _settings_key = pytest.StashKey[Settings]()
 _run_key = pytest.StashKey[RunContext]()
 _used_vms_key = pytest.StashKey[list[Machine]]()
@@ -76,6 +77,7 @@ class _XdistHooks:
     @staticmethod
     def pytest_configure_node(node: Any) -> None:
         node.workerinput[RUN_ID_KEY] = node.config.stash[_run_key].run_id
+        node.workerinput[OWNER_KEY] = os.getpid()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -203,8 +205,10 @@ def flightvm_run(pytestconfig: pytest.Config, flightvm_settings: Settings) -> Ru
     if problem is not None:  # failed outside the except: no chained traceback in the report
         _fail_setup(ConfigError(f"cache dir {flightvm_settings.cache_dir} is not writable "
                                 f"({problem}); pass --flightvm-cache-dir"))
-    if _is_controller(pytestconfig) and not (run.run_dir / "run.json").exists():
-        write_run_file(run.run_dir)
+    if not (run.run_dir / "run.json").exists():
+        # The run belongs to the controller: the reaper keeps it while that pid lives.
+        owner = getattr(pytestconfig, "workerinput", {}).get(OWNER_KEY)
+        write_run_file(run.run_dir, pid=owner)
     return run
 
 

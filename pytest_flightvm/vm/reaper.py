@@ -32,9 +32,9 @@ def owner_is_alive(pid: int, pid_start: str, host: str) -> bool:
     return start is not None and (not pid_start or start == pid_start)
 
 
-def write_run_file(run_dir: Path) -> None:
-    """Mark ``run_dir`` as owned by this process (the pytest controller)."""
-    pid = os.getpid()
+def write_run_file(run_dir: Path, pid: int | None = None) -> None:
+    """Mark ``run_dir`` as owned by ``pid`` (the pytest controller; default: this process)."""
+    pid = pid or os.getpid()
     data = {"pid": pid, "pid_start": process_start(pid) or "", "host": socket.gethostname()}
     tmp = run_dir / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(data))

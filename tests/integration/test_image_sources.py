@@ -79,3 +79,17 @@ def test_pinned_local_image_is_imported_read_only(pytester: pytest.Pytester, tmp
                                            f"--flightvm-image={src}")
     result.assert_outcomes(passed=1)
     assert oct(src.stat().st_mode & 0o777) != "0o444"  # the user's file is left alone
+
+
+def test_run_dir_is_owned_by_the_controller(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """Under xdist the run dir names the controller as owner, so the reaper keeps it
+    exactly as long as the whole run lives."""
+    pytester.makepyfile("""
+        import json, os
+        def test_owner(flightvm_run):
+            owner = json.loads((flightvm_run.run_dir / "run.json").read_text())["pid"]
+            assert owner == os.getppid() != os.getpid()
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--flightvm-cache-dir={tmp_path}",
+                                           "-n", "2")
+    result.assert_outcomes(passed=1)
