@@ -16,6 +16,8 @@ pytestmark = pytest.mark.vm
 SUITE = r'''
 from pathlib import Path
 
+import pytest
+
 
 def test_passes(flightvm, tmp_path):
     src = tmp_path / "payload.txt"
@@ -29,6 +31,12 @@ def test_passes(flightvm, tmp_path):
 def test_fails(flightvm):
     flightvm.run("echo left-behind-by-the-failing-test | sudo tee /var/tmp/evidence")
     assert flightvm.run("hostname").stdout.strip() == "not-this-host"
+
+
+@pytest.mark.flightvm(vcpus=2, user_data={"write_files": [{"path": "/etc/marked", "content": "yes\n"}]})
+def test_marker_overrides(flightvm):
+    assert flightvm.run("nproc").stdout.strip() == "2"
+    assert flightvm.run("cat /etc/marked").stdout.strip() == "yes"
 
 
 def test_factory_sizes(flightvm_factory):
@@ -47,7 +55,7 @@ def test_factory_sizes(flightvm_factory):
 def test_report_keep_and_factory(vm_suite) -> None:
     Path("test_lifecycle_suite.py").write_text(SUITE)
     result, metrics = vm_suite.run("-v", "-rA", "--flightvm-keep=on-failure")
-    result.assert_outcomes(passed=2, failed=1)
+    result.assert_outcomes(passed=3, failed=1)
     out = result.stdout.str()
 
     # The console section appears for the failing test only.
@@ -78,4 +86,5 @@ def test_report_keep_and_factory(vm_suite) -> None:
     # The factory's VMs were both booted and are gone.
     sizes = sorted((vm["memory_mib"], vm["vcpus"]) for vm in metrics["vms"])
     assert (768, 1) in sizes and (1536, 2) in sizes
+    assert (1024, 2) in sizes  # the marker's VM: default memory, vcpus=2
     assert not any(n.startswith("flightvm-" + metrics["run_id"]) for n in names)
