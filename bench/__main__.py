@@ -168,14 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     meta["wall_s"] = time.monotonic() - started
     meta["other_vms_max"] = max(seen_other)
     meta["loadavg_end"] = Path("/proc/loadavg").read_text().strip()
-    chart_name = report.chart(out_dir / "benchmarks.png", figs)
-    (out_dir / "BENCHMARKS.md").write_text(report.markdown(figs, meta, chart_name))
+    chart_name, why = report.chart(out_dir / "benchmarks.png", figs)
+    (out_dir / "BENCHMARKS.md").write_text(report.markdown(figs, meta, chart_name, why))
     report.write_json(out_dir / "benchmarks.json", figs, meta)
     print(report.print_table(figs))
-    print(f"\nwall time {meta['wall_s'] / 60:.1f} min; wrote {out_dir / 'BENCHMARKS.md'}, "
+    print("\ntime per figure: " + ", ".join(f"{f.id} {f.seconds:.0f} s" for f in figs))
+    print(f"wall time {meta['wall_s'] / 60:.1f} min; wrote {out_dir / 'BENCHMARKS.md'}, "
           f"{out_dir / 'benchmarks.json'}" + (f", {out_dir / chart_name}" if chart_name else ""))
     if chart_name is None:
-        print(f"note: {report.MATPLOTLIB_HINT}")
+        print(f"note: no chart: {why}")
     return 1 if any(f.verdict == "failed" for f in figs) else 0
 
 

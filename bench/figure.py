@@ -18,6 +18,14 @@ class Bar:
 
 
 @dataclass
+class Panel:
+    title: str
+    bars: list[Bar]
+    unit: str = "s"
+    target_line: float | None = None
+
+
+@dataclass
 class Figure:
     id: str
     title: str
@@ -31,6 +39,12 @@ class Figure:
     bars: list[Bar] = field(default_factory=list)
     unit: str = "s"
     seconds: float = 0.0  # wall time spent on this figure
+    target_line: float | None = None  # drawn on the chart when set
+    extra_panels: list[Panel] = field(default_factory=list)  # more chart panels, other scales
+
+    def panels(self) -> list[Panel]:
+        main = [Panel(f"{self.id}: {self.title}", self.bars, self.unit, self.target_line)]
+        return [p for p in main + self.extra_panels if p.bars]
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -39,7 +39,7 @@ def print_table(figs: list[Figure]) -> str:
     return "\n".join(lines)
 
 
-def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None) -> str:
+def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: str = "") -> str:
     m = meta["machine"]
     out = [
         "# Benchmarks",
@@ -67,21 +67,32 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None) -> str
     for f in figs:
         for note in f.notes:
             out.append(f"- **{f.id}**: {_cell(note)}")
+    spent = ", ".join(f"{f.id} {f.seconds:.0f} s" for f in figs)
+    out += ["", f"Time spent per figure in this run: {spent} (plus setup)."]
     if chart:
         out += ["", f"![benchmark chart: medians with min–max bars]({chart})", ""]
     else:
-        out += ["", f"(No chart: {MATPLOTLIB_HINT}.)", ""]
+        out += ["", f"(No chart: {why}.)", ""]
     out += [
         "## How each figure is measured",
         "",
+        "- **Setup** the project's base image (default store, else the registry, else the "
+        "built-in builder) is copied into a bench store whose cache key comes from "
+        "`--build-cmd 'cp <blob> $FLIGHTVM_OUTPUT'` and pushed once to "
+        "`127.0.0.1:5000/flightvm-bench/base`: same 480 MiB qcow2, but a key that commits "
+        "landing in the shared tree cannot move mid-run, and no lock shared with other "
+        "engineers' runs. Bytecode caching is on (`PYTHONDONTWRITEBYTECODE` unset), as on a "
+        "normal install.",
         "- **P1** `flightvm cache get` as a whole process on a warm store, alternating with a "
-        "bare `python -c pass` of the same interpreter; the figure is the difference of the "
-        "medians. Also `resolve_image()` in-process. Bytes moved come from the resolve "
-        "record (`source=local bytes=0`).",
+        "bare `python -c pass` of the same interpreter (one untimed warm-up each); the figure "
+        "is the difference of the medians. Also `resolve_image()` in-process. Bytes moved "
+        "come from the resolve record (`source=local bytes=0`).",
         "- **P2** a cold pull into an empty cache dir through `resolve_image()` (manifest, "
         "streamed blob, sha256 verified, fsynced, made read-only) and through the "
         "`flightvm cache get` process, alternating with `curl -o` of the same blob from the "
-        "same registry and with the seed's podman path (`podman pull` + `podman create` + "
+        "same registry, with curl followed by `openssl dgst -sha256` and `sync FILE` (the "
+        "same guarantees, one after the other), and with the seed's podman path "
+        "(`podman pull` + `podman create` + "
         "`podman cp` of a `FROM scratch` image holding `/qcow2/disk.qcow2`, vfs storage, "
         "pushed with podman's default gzip layer).",
         "- **P3** peak RSS (`wait4` ru_maxrss) of a child process that pushes the base to a "
@@ -140,47 +151,50 @@ def write_json(path: Path, figs: list[Figure], meta: dict[str, Any]) -> None:
                                indent=2, default=str) + "\n")
 
 
-def chart(path: Path, figs: list[Figure]) -> str | None:
-    """A bar chart per figure (median, min–max whiskers; references hatched).
-    Returns None (and prints how to install it) when matplotlib is missing."""
+def chart(path: Path, figs: list[Figure]) -> tuple[str | None, str]:
+    """A bar chart per figure (median, min–max whiskers; references in grey).
+    Returns (file name, "") or (None, why not)."""
+    drawn = [p for f in figs for p in f.panels()]
+    if not drawn:
+        return None, "no figure produced numbers to draw"
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return None
-    drawn = [f for f in figs if f.bars]
-    if not drawn:
-        return None
+        return None, MATPLOTLIB_HINT
     cols = 2
     rows = math.ceil(len(drawn) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(13, 3.4 * rows), squeeze=False)
-    for ax, f in zip(axes.flat, drawn, strict=False):
-        labels = [b.label for b in f.bars]
-        med = [b.stat.median for b in f.bars]
-        lo = [b.stat.median - b.stat.lo for b in f.bars]
-        hi = [b.stat.hi - b.stat.median for b in f.bars]
-        colors = ["#9aa5b1" if b.reference else "#2f6fb0" for b in f.bars]
-        y = range(len(f.bars))
-        ax.barh(list(y), med, xerr=[lo, hi], color=colors, capsize=3,
-                hatch=None, edgecolor="black", linewidth=0.4)
-        for i, b in enumerate(f.bars):
-            ax.text(b.stat.hi, i, f"  {_short(b.stat.median, f.unit)}", va="center", fontsize=8)
-        ax.set_yticks(list(y), labels, fontsize=8)
+    fig, axes = plt.subplots(rows, cols, figsize=(13, 3.2 * rows), squeeze=False)
+    for ax, p in zip(axes.flat, drawn, strict=False):
+        labels = [b.label for b in p.bars]
+        med = [b.stat.median for b in p.bars]
+        lo = [b.stat.median - b.stat.lo for b in p.bars]
+        hi = [b.stat.hi - b.stat.median for b in p.bars]
+        colors = ["#9aa5b1" if b.reference else "#2f6fb0" for b in p.bars]
+        y = list(range(len(p.bars)))
+        ax.barh(y, med, xerr=[lo, hi], color=colors, capsize=3, edgecolor="black", linewidth=0.4)
+        for i, b in enumerate(p.bars):
+            ax.text(b.stat.hi, i, f"  {_short(b.stat.median, p.unit)}", va="center", fontsize=8)
+        ax.set_yticks(y, labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_title(f"{f.id}: {f.title[:70]}", fontsize=9, loc="left")
-        ax.set_xlabel(f.unit, fontsize=8)
-        ax.set_xlim(0, max(b.stat.hi for b in f.bars) * 1.25 or 1)
+        ax.set_title(p.title[:75], fontsize=9, loc="left")
+        ax.set_xlabel(p.unit, fontsize=8)
+        top = max([b.stat.hi for b in p.bars] + [p.target_line or 0])
+        ax.set_xlim(0, top * 1.25 or 1)
+        if p.target_line is not None:
+            ax.axvline(p.target_line, color="#c0392b", linestyle="--", linewidth=1)
+            ax.text(p.target_line, len(p.bars) - 0.45, " target", color="#c0392b", fontsize=7)
         ax.tick_params(axis="x", labelsize=8)
     for ax in list(axes.flat)[len(drawn):]:
         ax.axis("off")
     fig.suptitle("pytest-flightvm benchmarks (blue: flightvm, grey: reference; "
-                 "bars = median, whiskers = min–max)", fontsize=10)
+                 "bars = median, whiskers = min–max, red dashes = target)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path.name
+    return path.name, ""
 
 
 def _short(v: float, unit: str) -> str:
