@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import cache_figs, report, vm_figs
-from .common import REPO_ROOT, Ctx, clean_env, log, machine_info, other_vms
+from .common import REPO_ROOT, Ctx, clean_env, log, machine_info
 from .figure import Figure
 
 ALL = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "Z")
@@ -117,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             "reps": {"cheap": ctx.reps, "push_rss": ctx.reps_rss, "zstd": ctx.reps_zstd,
                      "p4": ctx.reps_p4, "hand_boots": ctx.vm_reps, "reset_tests": ctx.reset_tests}}
     log(f"figures {', '.join(args.figures)}; work dir {work}; output {out_dir}")
-    seen_other = [len(other_vms())]
+    ctx.sample_load()
     figs: list[Figure] = []
 
     def run(fid: str, fn: Callable[[], Figure | list[Figure]]) -> None:
         log(f"{fid}: {TITLES.get(fid, fid)} ...")
-        seen_other.append(len(other_vms()))
+        ctx.sample_load()
         t = time.monotonic()
         try:
             result = fn()
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             run("+".join(sorted(vm_want)), lambda: vm_figs.vm_figures(ctx, vm_want))
         if "P7" in want:
             run("P7", lambda: cache_figs.p7_cold_build(ctx))
-        seen_other.append(len(other_vms()))
+        ctx.sample_load()
     finally:
         for dom in vm_figs.leftover_domains(ctx):
             subprocess.run(["virsh", "-c", "qemu:///system", "destroy", dom], capture_output=True)
@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     order = {f: i for i, f in enumerate(ALL)}
     figs.sort(key=lambda f: order.get(f.id, 99))
     meta["wall_s"] = time.monotonic() - started
-    meta["other_vms_max"] = max(seen_other)
+    meta["other_vms_max"] = max(n for n, _ in ctx.load_samples)
+    meta["load_samples"] = ctx.load_samples
+    meta["load_range"] = (min(x for _, x in ctx.load_samples), max(x for _, x in ctx.load_samples))
     meta["loadavg_end"] = Path("/proc/loadavg").read_text().strip()
     chart_name, why = report.chart(out_dir / "benchmarks.png", figs)
     (out_dir / "BENCHMARKS.md").write_text(report.markdown(figs, meta, chart_name, why))

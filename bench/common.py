@@ -44,6 +44,12 @@ class Ctx:
     build_cmd: str = ""  # `cp <base blob> $FLIGHTVM_OUTPUT`: a key that the tree cannot move
     cache_dir: Path = Path()  # the bench's warm cache dir (holds the base)
     notes: list[str] = field(default_factory=list)
+    # (other engineers' running domains, 1-min load average), sampled between steps
+    load_samples: list[tuple[int, float]] = field(default_factory=list)
+
+    def sample_load(self) -> None:
+        load = float(Path("/proc/loadavg").read_text().split()[0])
+        self.load_samples.append((len(other_vms()), load))
 
     def plugin_args(self) -> list[str]:
         """pytest options that point a suite at the bench's warm store and registry copy."""

@@ -53,7 +53,9 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         "its reference in the same run, alternating, and is given as median "
         "(min–max, n = repetitions). The machine is **shared and noisy**: other engineers "
         "run VM tests on it at the same time (domains seen running by others during this "
-        f"run: {meta['other_vms_max']} at most), so absolute seconds move from run to run; "
+        f"run: up to {meta['other_vms_max']}; 1-minute load average between steps "
+        f"{meta['load_range'][0]:.1f}–{meta['load_range'][1]:.1f} on {m['nproc']} cores), "
+        "so absolute seconds move from run to run; "
         "compare a figure with its reference rather than with another run.",
         "",
         "| # | figure | measured | reference | ratio | target | verdict |",
@@ -182,7 +184,13 @@ def chart(path: Path, figs: list[Figure]) -> tuple[str | None, str]:
         ax.set_title(p.title[:75], fontsize=9, loc="left")
         ax.set_xlabel(p.unit, fontsize=8)
         top = max([b.stat.hi for b in p.bars] + [p.target_line or 0])
-        ax.set_xlim(0, top * 1.25 or 1)
+        low = min([b.stat.lo for b in p.bars if b.stat.lo > 0] or [0])
+        if low and top / low > 30:  # seconds next to minutes: a log axis keeps both readable
+            ax.set_xscale("log")
+            ax.set_xlim(low / 3, top * 4)
+            ax.set_xlabel(f"{p.unit} (log scale)", fontsize=8)
+        else:
+            ax.set_xlim(0, top * 1.25 or 1)
         if p.target_line is not None:
             ax.axvline(p.target_line, color="#c0392b", linestyle="--", linewidth=1)
             ax.text(p.target_line, len(p.bars) - 0.45, " target", color="#c0392b", fontsize=7)

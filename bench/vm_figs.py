@@ -186,6 +186,7 @@ def vm_figures(ctx: Ctx, want: set[str]) -> list[Figure]:
     errors: list[str] = []
     started = time.monotonic()
     for kind, arg in steps:
+        ctx.sample_load()  # none of ours is running between steps
         try:
             if kind == "hand":
                 log(f"P5: hand-run virsh boot {arg + 1}/{n_hand}")
@@ -265,8 +266,7 @@ def _p6(ctx: Ctx, suites: dict[str, dict[str, Any]]) -> Figure:
                 "reboot_reset_s": reboot_reset.as_dict(), "suite_ratio": ratio}
     fig.target_line = 5.0
     fig.bars = [Bar("snapshot revert (metrics)", revert),
-                Bar("snapshot: request → clean VM", snap_ready),
-                Bar("reboot reset", reboot_reset, True)]
+                Bar("reboot reset (request → fresh VM)", reboot_reset, True)]
     fig.extra_panels = [Panel(f"P6: suite time, {ctx.reset_tests} tests",
                               [Bar("--flightvm-reset snapshot", stat([snap["suite_s"]])),
                                Bar("--flightvm-reset reboot", stat([reboot["suite_s"]]), True)],
