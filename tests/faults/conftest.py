@@ -80,6 +80,28 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 # -- places -----------------------------------------------------------------------------------
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
+    rep = yield
+    if rep.when == "call":
+        item.stash[_passed_key] = rep.passed
+    return rep
+
+
+_passed_key = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _drop_big_tmp(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Trials copy many 64-480 MiB images into tmp_path; pytest keeps the last three
+    sessions' tmp dirs. Drop a passed test's tmp_path (a failed one stays to look at)."""
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if tmp is not None and request.node.stash.get(_passed_key, False):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+
 def scratch_root() -> Path:
     """Outside pytest's 0700 tmp (QEMU must reach VM files), like the integration tier."""
     return Path(os.environ.get("FLIGHTVM_TEST_TMP", "/var/tmp"))
