@@ -12,17 +12,20 @@ host:
 demo: host
 	@$(PY) scripts/demo.py --registry $(REGISTRY)
 
+# The whole suite: unit + integration on two workers, then the faults tier on its own
+# (its trials print one tally line at the end, which xdist's controller would not show).
 test: host
-	$(PY) -m pytest tests -p no:cacheprovider -n 2 -v -rs
+	$(PY) -m pytest tests/unit tests/integration -p no:cacheprovider -n 2 -v -rs
+	$(PY) -m pytest tests/faults -p no:cacheprovider -v -rs
 
 unit: host
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/unit -q -n 2 -p no:cacheprovider
 
 integration: host
-	$(PY) -m pytest tests/integration -n 2 -v -rs
+	$(PY) -m pytest tests/integration -n 2 -v -rs -p no:cacheprovider
 
 faults: host
-	$(PY) -m pytest tests/faults -v -rs
+	$(PY) -m pytest tests/faults -v -rs -p no:cacheprovider
 
 lint: host
 	$(VENV)/bin/ruff check pytest_flightvm tests examples bench scripts
