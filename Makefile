@@ -2,7 +2,6 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 REGISTRY ?= 127.0.0.1:5000/flightvm/base
-export FLIGHTVM_REGISTRY ?= $(REGISTRY)
 
 .PHONY: host demo test unit integration faults lint type bench clean-venv
 
