@@ -123,6 +123,9 @@ class DebianBuilder:
             )
         except OSError as exc:
             raise BuildError(f"cannot run {self.script}: {exc.strerror}") from None
+        from ..cache.build import record_group
+
+        record_group(output, proc)
         assert proc.stdout is not None
         try:
             for raw in proc.stdout:

@@ -79,6 +79,7 @@ class CommandBuilder:
             )
         except OSError as exc:
             raise BuildError(f"cannot run the build command: {exc.strerror}") from None
+        record_group(output, proc)
         assert proc.stdout is not None
         try:
             for raw in proc.stdout:
@@ -103,6 +104,38 @@ class CommandBuilder:
                 detail="\n".join(tail),
             )
         check_qcow2(output, "the build command")
+
+
+GROUP_SUFFIX = ".pgid"
+
+
+def record_group(output: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Note the builder's process group beside its temp output. If this process is
+    killed (-9) mid-build, the next sweep of the store's temp dir finds the note of
+    a dead owner and stops the orphaned builder (see ``Store.sweep_tmp``)."""
+    from ..vm.domain import process_start
+
+    note = output.with_name(output.name + GROUP_SUFFIX)
+    note.write_text(f"{proc.pid} {process_start(proc.pid) or ''}\n")
+
+
+def stop_orphaned_group(note: Path) -> bool:
+    """SIGTERM the group recorded in ``note`` if that leader still runs; True if signalled.
+    SIGTERM, not SIGKILL: the Debian builder's trap then unmounts and detaches loops."""
+    from ..vm.domain import process_start
+
+    try:
+        pid_text, _, start = note.read_text().strip().partition(" ")
+        pgid = int(pid_text)
+    except (OSError, ValueError):
+        return False
+    if process_start(pgid) is None or (start and process_start(pgid) != start):
+        return False  # gone, or the pid was reused by an unrelated process
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -48,7 +48,7 @@ from ..errors import (
     RegistryUnavailable,
     StoreUnusable,
 )
-from .build import Builder, builder_for, check_qcow2
+from .build import GROUP_SUFFIX, Builder, builder_for, check_qcow2
 from .key import CacheKey, compute_key, git_commit, tags_for
 from .registry import FlightRegistry, PushResult, Reference
 from .store import Store, StoreEntry
@@ -131,6 +131,8 @@ def _call_build(builder: Builder, output: Path, log: Log, key: str) -> None:
             detail=traceback.format_exc(),
         ) from None
     finally:
+        # the builder has ended: its process-group note is no longer needed
+        output.with_name(output.name + GROUP_SUFFIX).unlink(missing_ok=True)
         if saved is None:
             os.environ.pop("FLIGHTVM_KEY", None)
         else:

@@ -406,6 +406,10 @@ class Store:
                 if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(
                     int(pid_text)
                 ):
+                    if path.name.endswith(".pgid"):
+                        from .build import stop_orphaned_group
+
+                        stop_orphaned_group(path)  # a builder that outlived its killed owner
                     if path.is_dir():
                         shutil.rmtree(path, ignore_errors=True)
                     else:
