@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "BENCHMARKS.md").write_text(report.markdown(figs, meta, chart_name, why))
     report.write_json(out_dir / "benchmarks.json", figs, meta)
     print(report.print_table(figs))
-    print("\ntime per figure: " + ", ".join(f"{f.id} {f.seconds:.0f} s" for f in figs))
+    print("\ntime per figure: " + report.time_per_phase(figs))
     print(f"wall time {meta['wall_s'] / 60:.1f} min; wrote {out_dir / 'BENCHMARKS.md'}, "
           f"{out_dir / 'benchmarks.json'}" + (f", {out_dir / chart_name}" if chart_name else ""))
     if chart_name is None:

@@ -492,8 +492,8 @@ def compression(ctx: Ctx) -> Figure:
 
 # ---------------------------------------------------------------- P7 cold build
 def p7_cold_build(ctx: Ctx) -> Figure:
-    fig = Figure("P7", "cold build of the base (built-in Debian builder, "
-                 "`flightvm cache get --force`, empty cache dir)", target="absolute")
+    fig = Figure("P7", "cold build of the base (built-in Debian builder, `cache get --force`)",
+                 target="absolute")
     cache = ctx.scratch("p7-cache")
     env = {"FLIGHTVM_OFFLINE": "1", "REGISTRY_CACHE": "false"}
     try:

@@ -38,7 +38,8 @@ class Figure:
     data: dict[str, Any] = field(default_factory=dict)
     bars: list[Bar] = field(default_factory=list)
     unit: str = "s"
-    seconds: float = 0.0  # wall time spent on this figure
+    seconds: float = 0.0  # wall time spent on this figure (on its phase, when shared)
+    phase: str = ""  # figures measured together (P5+P6 share their boots) name one phase
     target_line: float | None = None  # drawn on the chart when set
     extra_panels: list[Panel] = field(default_factory=list)  # more chart panels, other scales
 
@@ -53,7 +54,7 @@ class Figure:
             "notes": self.notes, "data": self.data, "unit": self.unit,
             "bars": [{"label": b.label, "reference": b.reference, **b.stat.as_dict()}
                      for b in self.bars],
-            "seconds": round(self.seconds, 1),
+            "seconds": round(self.seconds, 1), "phase": self.phase or self.id,
         }
 
 

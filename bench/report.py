@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,14 @@ MARK = {"met": "✅ met", "missed": "❌ missed", "info": "ℹ️ info", "failed
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def time_per_phase(figs: list[Figure]) -> str:
+    """"P1 2 s, ..., P5+P6 1844 s": figures measured together are counted once."""
+    seen: dict[str, float] = {}
+    for f in figs:
+        seen.setdefault(f.phase or f.id, f.seconds)
+    return ", ".join(f"{k} {v:.0f} s" for k, v in seen.items())
 
 
 def table_rows(figs: list[Figure]) -> list[list[str]]:
@@ -69,8 +78,16 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
     for f in figs:
         for note in f.notes:
             out.append(f"- **{f.id}**: {_cell(note)}")
-    spent = ", ".join(f"{f.id} {f.seconds:.0f} s" for f in figs)
+    spent = time_per_phase(figs)
     out += ["", f"Time spent per figure in this run: {spent} (plus setup)."]
+    p5 = next((f for f in figs if f.id == "P5" and "fixture_ready_s" in f.data), None)
+    if p5 is not None:
+        boot = p5.data["fixture_ready_s"]["median"]
+        hand, tests = meta["reps"]["hand_boots"], meta["reps"]["reset_tests"]
+        out[-1] += (f" A VM boot took a median of {boot:.0f} s in this run (HOST-NOTES measured "
+                    f"about 50 s on an idle machine); the {hand + 1 + tests} boots of P5+P6 "
+                    f"({hand} hand-run, 1 for the snapshot suite, {tests} for the reboot suite) "
+                    "dominate the wall time.")
     if chart:
         out += ["", f"![benchmark chart: medians with min–max bars]({chart})", ""]
     else:
@@ -181,7 +198,7 @@ def chart(path: Path, figs: list[Figure]) -> tuple[str | None, str]:
             ax.text(b.stat.hi, i, f"  {_short(b.stat.median, p.unit)}", va="center", fontsize=8)
         ax.set_yticks(y, labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_title(p.title[:75], fontsize=9, loc="left")
+        ax.set_title(textwrap.shorten(p.title, 78, placeholder="…"), fontsize=9, loc="left")
         ax.set_xlabel(p.unit, fontsize=8)
         top = max([b.stat.hi for b in p.bars] + [p.target_line or 0])
         low = min([b.stat.lo for b in p.bars if b.stat.lo > 0] or [0])
@@ -199,7 +216,7 @@ def chart(path: Path, figs: list[Figure]) -> tuple[str | None, str]:
         ax.axis("off")
     fig.suptitle("pytest-flightvm benchmarks (blue: flightvm, grey: reference; "
                  "bars = median, whiskers = min–max, red dashes = target)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.975))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name, ""

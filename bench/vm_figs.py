@@ -206,7 +206,7 @@ def vm_figures(ctx: Ctx, want: set[str]) -> list[Figure]:
     if "P6" in want:
         figs.append(_guard("P6", "per-test reset", errors, lambda: _p6(ctx, suites)))
     for f in figs:
-        f.seconds = elapsed / len(figs)
+        f.seconds, f.phase = elapsed, "+".join(x.id for x in figs)
     return figs
 
 
