@@ -24,7 +24,7 @@ from .errors import ConfigError
 ACCELS = ("auto", "kvm", "tcg")
 KEEPS = ("never", "on-failure", "always")
 RESETS = ("snapshot", "reboot", "none")
-COMPRESSIONS = ("none", "zstd")
+COMPRESSIONS = ("auto", "none", "zstd")
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
 
@@ -65,7 +65,8 @@ OPTIONS: tuple[Option, ...] = (
            ("FLIGHTVM_OFFLINE",), kind="bool", cli_short="--offline"),
     Option("plain_http", "talk plain HTTP to a non-loopback registry", "--flightvm-plain-http",
            "flightvm_plain_http", ("FLIGHTVM_PLAIN_HTTP",), kind="bool", cli_short="--plain-http"),
-    Option("compress", "compress the pushed layer", "--flightvm-compress", "flightvm_compress",
+    Option("compress", "compress the pushed layer: auto (zstd except to loopback registries), none, zstd",
+           "--flightvm-compress", "flightvm_compress",
            ("FLIGHTVM_COMPRESS",), kind="choice", choices=COMPRESSIONS, cli_short="--compress"),
     Option("libvirt_uri", "libvirt connection URI", "--flightvm-libvirt-uri", "flightvm_libvirt_uri",
            ("LIBVIRT_DEFAULT_URI",), cli_short="--libvirt-uri"),
@@ -118,7 +119,7 @@ class Settings:
     push: bool = False
     offline: bool = False
     plain_http: bool = False
-    compress: str = "none"
+    compress: str = "auto"
     libvirt_uri: str = field(default_factory=_default_uri)
     accel: str = "auto"
     vm_config: Path | None = None

@@ -74,3 +74,13 @@ def test_read_ini_finds_pytest_settings(tmp_path: Path) -> None:
     assert root == tmp_path
     s = resolve({}, values, {})
     assert (s.registry, s.memory) == ("127.0.0.1:5000/x/y", 2048)
+
+
+def test_compression_auto_is_zstd_except_on_loopback() -> None:
+    from pytest_flightvm.cache.resolve import push_compression
+
+    assert push_compression(resolve({"registry": "quay.io/org/base"}, {}, {})) == "zstd"
+    assert push_compression(resolve({"registry": "127.0.0.1:5000/a/b"}, {}, {})) == "none"
+    assert push_compression(resolve({"registry": "localhost:5000/a/b"}, {}, {})) == "none"
+    assert push_compression(resolve({"registry": "quay.io/org/base", "compress": "none"}, {}, {})) == "none"
+    assert push_compression(resolve({"registry": "127.0.0.1:5000/a/b", "compress": "zstd"}, {}, {})) == "zstd"
