@@ -7,6 +7,7 @@ handshake. Keys are per run, generated with ``ssh-keygen`` and kept 0600.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import GuestCommandError, ToolMissingError
+from ..errors import FlightVMError, GuestCommandError, ToolMissingError
 
 
 @dataclass(frozen=True)
@@ -37,17 +38,33 @@ def require_tool(name: str, package: str) -> str:
 
 
 def generate_keypair(directory: Path, name: str = "id_ed25519") -> tuple[Path, str]:
-    """Create (or reuse) an ed25519 key pair in ``directory``; return (private key, public line)."""
+    """Create (or reuse) an ed25519 key pair in ``directory``; return (private key, public line).
+
+    Safe when several xdist workers of one run ask at once: one generates under a
+    lock, into temp names that are renamed into place, the others reuse it.
+    """
+    from filelock import FileLock
+
     require_tool("ssh-keygen", "openssh-client")
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = directory / name
-    if not key.exists():
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "flightvm", "-f", str(key)],
-            check=True, capture_output=True,
-        )
-    key.chmod(0o600)
-    return key, key.parent.joinpath(key.name + ".pub").read_text().strip()
+    pub = directory / (name + ".pub")
+    with FileLock(str(directory / f".{name}.lock"), timeout=60):
+        if not (key.exists() and pub.exists()):
+            tmp = directory / f".{name}.{os.getpid()}"
+            for stale in (tmp, directory / (tmp.name + ".pub")):
+                stale.unlink(missing_ok=True)
+            proc = subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "flightvm", "-f", str(tmp)],
+                capture_output=True, text=True,
+            )
+            if proc.returncode != 0:
+                raise FlightVMError(f"ssh-keygen failed in {directory}: "
+                                    f"{(proc.stderr.strip() or 'no output').splitlines()[-1]}")
+            tmp.chmod(0o600)
+            os.replace(directory / (tmp.name + ".pub"), pub)
+            os.replace(tmp, key)
+    return key, pub.read_text().strip()
 
 
 class SSHClient:

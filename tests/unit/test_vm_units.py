@@ -112,3 +112,17 @@ def test_accel_verdict_is_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(accel, "kvm_device_usable", lambda: False)
     assert accel.initial_choice("auto", tmp_path / "other") == ("tcg", False)
     assert accel.timeout_for("tcg", 100) == 200 and accel.timeout_for("kvm", 100) == 100
+
+
+def test_keypair_is_generated_once_when_workers_race(tmp_path: Path) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pytest_flightvm.vm.ssh import generate_keypair
+
+    with ProcessPoolExecutor(6) as pool:
+        results = list(pool.map(generate_keypair, [tmp_path / "ssh"] * 12))
+    assert len({pub for _key, pub in results}) == 1
+    key = tmp_path / "ssh" / "id_ed25519"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in (tmp_path / "ssh").iterdir() if not p.name.endswith(".lock")) == [
+        "id_ed25519", "id_ed25519.pub"]
