@@ -36,7 +36,8 @@ def write_run_file(run_dir: Path, pid: int | None = None) -> None:
     """Mark ``run_dir`` as owned by ``pid`` (the pytest controller; default: this process)."""
     pid = pid or os.getpid()
     data = {"pid": pid, "pid_start": process_start(pid) or "", "host": socket.gethostname()}
-    tmp = run_dir / f".{RUN_FILE}.tmp"
+    # One temp name per process: xdist workers may write the same run dir at once.
+    tmp = run_dir / f".{RUN_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(data))
     os.replace(tmp, run_dir / RUN_FILE)
 
