@@ -8,16 +8,7 @@ from __future__ import annotations
 
 from .build import Builder, CommandBuilder, builder_for, check_qcow2, default_builder
 from .key import CacheKey, compute_key, git_commit, git_short, tags_for, tree_is_clean
-from .registry import (
-    LAYER_MEDIA_TYPE,
-    LAYER_MEDIA_TYPE_ZSTD,
-    Credentials,
-    FlightRegistry,
-    PullResult,
-    PushResult,
-    Reference,
-    find_credentials,
-)
+from .reference import Reference
 from .resolve import (
     ResolvedImage,
     cache_image,
@@ -60,3 +51,15 @@ __all__ = [
     "tags_for",
     "tree_is_clean",
 ]
+
+_REGISTRY_NAMES = {"LAYER_MEDIA_TYPE", "LAYER_MEDIA_TYPE_ZSTD", "Credentials", "FlightRegistry",
+                   "PullResult", "PushResult", "find_credentials"}
+
+
+def __getattr__(name: str) -> object:
+    """The registry client (oras, requests) is imported only when first used."""
+    if name in _REGISTRY_NAMES:
+        from . import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

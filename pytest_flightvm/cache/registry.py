@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -49,7 +48,6 @@ import oras.provider
 import oras.schemas
 import requests
 
-from ..config import validate_registry_ref
 from ..errors import (
     ArtifactNotFound,
     ConfigError,
@@ -61,6 +59,7 @@ from ..errors import (
     RegistryUnavailable,
 )
 from .build import QCOW2_MAGIC
+from .reference import Reference, is_loopback
 from .store import Store
 
 log = logging.getLogger("flightvm.cache.registry")
@@ -115,58 +114,7 @@ def quiet_oras() -> None:
     oras.logger.logger.log_handler = [_oras_to_debug]
 
 
-# -- references --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Reference:
-    """``host[:port]/repo[:tag][@sha256:...]``."""
-
-    host: str
-    repository: str
-    tag: str | None = None
-    digest: str | None = None
-
-    @classmethod
-    def parse(cls, ref: str, what: str = "registry reference") -> Reference:
-        match = validate_registry_ref(ref, what)
-        assert match is not None
-        return cls(match["host"], match["repo"], match["tag"], match["digest"])
-
-    @property
-    def name(self) -> str:
-        return f"{self.host}/{self.repository}"
-
-    @property
-    def reference(self) -> str:
-        """What goes after ``/manifests/``: the digest if pinned, else the tag."""
-        return self.digest or self.tag or "latest"
-
-    def with_tag(self, tag: str) -> Reference:
-        return Reference(self.host, self.repository, tag, None)
-
-    def __str__(self) -> str:
-        out = self.name
-        if self.tag:
-            out += f":{self.tag}"
-        if self.digest:
-            out += f"@{self.digest}"
-        return out
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1 (with or without a port)."""
-    name = host
-    if name.startswith("["):
-        name = name[1:].split("]", 1)[0]
-    elif name.count(":") == 1:
-        name = name.split(":", 1)[0]
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+# References and is_loopback live in .reference (cheap to import); re-exported here.
 
 
 # -- credentials -------------------------------------------------------------------

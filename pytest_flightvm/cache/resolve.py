@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import Timeout
 
@@ -50,7 +50,10 @@ from ..errors import (
 )
 from .build import GROUP_SUFFIX, Builder, builder_for, check_qcow2
 from .key import CacheKey, compute_key, git_commit, tags_for
-from .registry import FlightRegistry, PushResult, Reference, is_loopback
+from .reference import Reference, is_loopback
+
+if TYPE_CHECKING:  # the registry client costs ~0.2 s to import; a local hit never needs it
+    from .registry import FlightRegistry, PushResult
 from .store import Store, StoreEntry
 
 logger = logging.getLogger("flightvm.cache")
@@ -171,6 +174,8 @@ def _registry(settings: Settings, repository: str | None = None) -> FlightRegist
     repo = repository or settings.registry
     if not repo or settings.offline:
         return None
+    from .registry import FlightRegistry
+
     return FlightRegistry(repo, plain_http=settings.plain_http)
 
 
@@ -332,6 +337,8 @@ def _pinned_ref(
             if local:
                 return done(local["digest"], "local", 0)
             raise ConfigError(f"--flightvm-image {ref}: not in the local store and offline")
+        from .registry import FlightRegistry
+
         registry = FlightRegistry(ref.name, plain_http=settings.plain_http)
         if local:
             try:
