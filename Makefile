@@ -33,7 +33,8 @@ type: host
 	$(VENV)/bin/mypy pytest_flightvm
 
 bench: host
-	$(PY) -m bench
+	@$(VENV)/bin/pip install -q -e '.[bench]' >/dev/null 2>&1 || echo "bench: matplotlib not installed; the chart will be skipped"
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
