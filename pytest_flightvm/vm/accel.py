@@ -78,8 +78,10 @@ def initial_choice(requested: str, cache_dir: Path) -> tuple[str, bool]:
     if not kvm_device_usable():
         return "tcg", False
     verdict = load_verdict(cache_dir)
-    if verdict is not None:
-        return verdict.accel, False
+    if verdict is not None and verdict.accel == "tcg":
+        return "tcg", False
+    # No verdict, or a KVM one: under auto, KVM always runs on probation, so a host
+    # whose KVM broke since the verdict (or a stale verdict) still falls back to TCG.
     return "kvm", True
 
 

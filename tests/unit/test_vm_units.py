@@ -106,6 +106,8 @@ def test_ports_are_unique_and_released(tmp_path: Path) -> None:
 def test_accel_verdict_is_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(accel, "kvm_device_usable", lambda: True)
     assert accel.initial_choice("auto", tmp_path) == ("kvm", True)
+    accel.save_verdict(tmp_path, "kvm", "a guest booted")
+    assert accel.initial_choice("auto", tmp_path) == ("kvm", True)  # still on probation
     accel.save_verdict(tmp_path, "tcg", "guest paused")
     assert accel.initial_choice("auto", tmp_path) == ("tcg", False)
     assert accel.initial_choice("kvm", tmp_path) == ("kvm", False)
