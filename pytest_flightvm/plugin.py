@@ -98,7 +98,7 @@ def pytest_configure(config: pytest.Config) -> None:
         run_id, worker = new_run_id(), "main"
     # The run dir is created lazily, the first time a fixture needs it.
     config.stash[_run_key] = RunContext(run_id, settings.runs_dir / run_id, worker)
-    config.stash[_state_key] = {"image": None}
+    config.stash[_state_key] = {}
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "flightvm-xdist")
 
@@ -223,7 +223,6 @@ def flightvm_image(pytestconfig: pytest.Config, flightvm_settings: Settings,
             flightvm_settings, _builder(pytestconfig, flightvm_settings),
             record=flightvm_run.run_dir / "resolves.jsonl", log=_progress(pytestconfig),
         )
-    pytestconfig.stash[_state_key]["image"] = image
     return image
 
 

@@ -22,21 +22,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from faultkit import REPO_ROOT, SEED, Golden, Tally, fake_qcow2, sha256_file
+from faultkit import SEED, Golden, Tally, fake_qcow2, sha256_file
 
 from pytest_flightvm.cache.registry import FlightRegistry
-from pytest_flightvm.cache.resolve import push_file, resolve_image
-from pytest_flightvm.config import resolve
-
-BASE_REPO = "flightvm/base"
-
+from pytest_flightvm.cache.resolve import resolve_image
+from tests.support import ensure_base_in_registry
 
 # -- the tally --------------------------------------------------------------------------------
 
@@ -122,13 +118,8 @@ def scratch() -> Iterator[Path]:
 def real_base(local_registry: str) -> dict[str, Any]:
     """The bootable Debian base, in the shared store and in the real registry
     (like the integration tier's ``base_in_registry``)."""
-    registry = f"{local_registry}/{BASE_REPO}"
-    settings = resolve({"registry": registry, "push": True}, {}, os.environ, rootdir=REPO_ROOT)
-    image = resolve_image(settings, log=lambda m: sys.stderr.write(m + "\n"))
-    reg = FlightRegistry(registry)
-    if any(reg.manifest_digest(tag) is None for tag in image.tags):
-        push_file(settings, image.path, list(image.tags), key=image.key)
-    return {"registry": registry, "path": image.path, "digest": image.digest,
+    settings, image = ensure_base_in_registry(local_registry)
+    return {"registry": settings.registry, "path": image.path, "digest": image.digest,
             "tags": image.tags, "key": image.key, "size": image.path.stat().st_size}
 
 

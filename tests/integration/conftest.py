@@ -12,31 +12,20 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pytest_flightvm.cache.registry import FlightRegistry
-from pytest_flightvm.cache.resolve import push_file, resolve_image
-from pytest_flightvm.config import resolve
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BASE_REPO = "flightvm/base"
+from tests.support import ensure_base_in_registry
 
 
 @pytest.fixture(scope="session")
 def base_in_registry(local_registry: str) -> dict[str, Any]:
     """The built-in Debian base: built (or found) in the shared store, present in the registry."""
-    registry = f"{local_registry}/{BASE_REPO}"
-    settings = resolve({"registry": registry, "push": True}, {}, os.environ, rootdir=REPO_ROOT)
-    image = resolve_image(settings, log=lambda m: sys.stderr.write(m + "\n"))
-    reg = FlightRegistry(registry)
-    if any(reg.manifest_digest(tag) is None for tag in image.tags):
-        push_file(settings, image.path, list(image.tags), key=image.key)
-    return {"registry": registry, "path": image.path, "digest": image.digest,
+    settings, image = ensure_base_in_registry(local_registry)
+    return {"registry": settings.registry, "path": image.path, "digest": image.digest,
             "tags": image.tags, "cache_dir": settings.cache_dir}
 
 
