@@ -309,8 +309,8 @@ def _marker_overrides(request: pytest.FixtureRequest) -> dict[str, Any]:
         merged.update(mark.kwargs)
     unknown = set(merged) - {"memory", "vcpus", "user_data", "reset"}
     if unknown:
-        raise pytest.UsageError(f"flightvm marker: unknown argument(s) {sorted(unknown)}; "
-                                "use memory, vcpus, user_data or reset")
+        _fail_setup(ConfigError(f"marker flightvm: unknown argument(s) {sorted(unknown)}; "
+                                "use memory, vcpus, user_data or reset"))
     return merged
 
 

@@ -52,6 +52,9 @@ def test_unknown_marker_argument_is_a_usage_error(pytester: pytest.Pytester, tmp
                                            "-p", "no:cacheprovider")
     assert result.ret != 0
     assert "Traceback" not in result.stdout.str()
+    # The marker is checked before the (bad) pinned image is even looked at.
+    result.stdout.fnmatch_lines(["*flightvm: marker flightvm: unknown argument(s) *memroy*use memory, vcpus*"])
+    assert "nonexistent.qcow2" not in result.stdout.str()
 
 
 def test_plugin_without_vm_fixtures_starts_nothing(pytester: pytest.Pytester, tmp_path) -> None:
