@@ -53,7 +53,8 @@ def test_unknown_marker_argument_is_a_usage_error(pytester: pytest.Pytester, tmp
     assert result.ret != 0
     assert "Traceback" not in result.stdout.str()
     # The marker is checked before the (bad) pinned image is even looked at.
-    result.stdout.fnmatch_lines(["*flightvm: marker flightvm: unknown argument(s) *memroy*use memory, vcpus*"])
+    result.stdout.fnmatch_lines(
+        ["*flightvm: marker flightvm: unknown argument(s) *memroy*use memory, vcpus*"])
     assert "nonexistent.qcow2" not in result.stdout.str()
 
 
