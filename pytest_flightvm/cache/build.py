@@ -9,6 +9,7 @@ the signature has it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import subprocess
@@ -116,12 +117,15 @@ def record_group(output: Path, proc: subprocess.Popen[bytes]) -> None:
     from ..vm.domain import process_start
 
     note = output.with_name(output.name + GROUP_SUFFIX)
-    note.write_text(f"{proc.pid} {process_start(proc.pid) or ''}\n")
+    part = note.with_name(note.name + ".part")
+    part.write_text(f"{proc.pid} {process_start(proc.pid) or ''}\n")
+    os.replace(part, note)  # a sweep never reads a half-written note
 
 
-def stop_orphaned_group(note: Path) -> bool:
+def stop_orphaned_group(note: Path, grace: float = 10.0) -> bool:
     """SIGTERM the group recorded in ``note`` if that leader still runs; True if signalled.
-    SIGTERM, not SIGKILL: the Debian builder's trap then unmounts and detaches loops."""
+    SIGTERM first: the Debian builder's trap then unmounts and detaches loops. A
+    group whose leader is still there after ``grace`` seconds gets SIGKILL."""
     from ..vm.domain import process_start
 
     try:
@@ -135,7 +139,22 @@ def stop_orphaned_group(note: Path) -> bool:
         os.killpg(pgid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
         return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = process_start(pgid)
+        if now is None or (start and now != start) or _is_zombie(pgid):
+            return True
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)  # it ignored SIGTERM (or its trap hung)
     return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -32,10 +32,24 @@ def _wait_for(path: Path, timeout: float = 30) -> str:
     raise AssertionError(f"{path} never appeared")
 
 
+def _wait_for_glob(directory: Path, pattern: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        notes = list(directory.glob(pattern)) if directory.is_dir() else []
+        if notes and all(n.read_text().strip() for n in notes):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {pattern} in {directory}")
+
+
 def test_kill_9_mid_build_then_the_sweep_stops_the_orphan(tmp_path: Path) -> None:
     cache, pidfile = tmp_path / "cache", tmp_path / "builder.pid"
     owner = subprocess.Popen([sys.executable, "-c", CHILD, str(cache), str(pidfile)])
     builder = int(_wait_for(pidfile))
+    # The owner writes its group note just after the builder starts; the builder can
+    # write its pid first. Kill the owner only once the note exists (what we test is
+    # the sweep acting on a note, not the microseconds before one is written).
+    _wait_for_glob(cache / "store" / "tmp", "*.pgid")
     try:
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait()
