@@ -112,13 +112,18 @@ def stat(values: Sequence[float]) -> Stat:
     return Stat(tuple(float(v) for v in values))
 
 
-def alternate(reps: int, contenders: Mapping[str, Callable[[], Any]]) -> dict[str, list[Any]]:
-    """Run each contender once per repetition, rotating who goes first (no order bias)."""
+def alternate(reps: int, contenders: Mapping[str, Callable[[], Any]], *,
+              settle: Callable[[], None] | None = None) -> dict[str, list[Any]]:
+    """Run each contender once per repetition, rotating who goes first (no order bias).
+    ``settle`` runs (untimed) before every sample, e.g. ``os.sync`` so that no sample
+    pays for the writeback of the bytes the previous one left dirty."""
     names = list(contenders)
     out: dict[str, list[Any]] = {n: [] for n in names}
     for rep in range(reps):
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
+            if settle is not None:
+                settle()
             out[name].append(contenders[name]())
     return out
 
