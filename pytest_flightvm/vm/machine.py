@@ -20,7 +20,14 @@ from ..errors import BootError, FlightVMError, GuestCommandError, LibvirtError
 from .accel import KVM_PROGRESS_SECONDS
 from .domain import DomainSpec
 from .libvirt_conn import error_text
-from .ready import ConsoleWatcher, Probe, console_tail, wait_until_ready
+from .ready import (
+    CLOUD_INIT_PROBE,
+    ConsoleWatcher,
+    Probe,
+    cloud_init_state,
+    console_tail,
+    wait_until_ready,
+)
 from .ssh import CommandResult, SSHClient, require_tool
 
 log = logging.getLogger("flightvm")
@@ -166,18 +173,34 @@ class Machine:
         return f"domain is {_STATE_NAMES.get(state, state)} (reason {reason})"
 
     def _guest_ready(self) -> bool:
-        res = self.ssh.run("cloud-init status", check=False, timeout=20, connect_timeout=3)
+        res = self.ssh.run(CLOUD_INIT_PROBE, check=False, timeout=20, connect_timeout=3)
         if res.returncode == 255:  # ssh itself failed: not up yet
             return False
-        status = res.stdout.strip()
-        if "error" in status:
-            detail = self.ssh.run("cloud-init status --long; sudo tail -n 20 /var/log/cloud-init-output.log",
-                                  check=False, timeout=20).stdout
-            raise BootError(f"VM {self.name}: cloud-init reported an error ({status})",
-                            detail=detail)
-        if "done" not in status:
+        state, detail = cloud_init_state(res.stdout)
+        if state == "absent":  # not started yet, or a custom image: ask cloud-init itself
+            state = self._cloud_init_status()
+        if state == "error":
+            log_tail = self.ssh.run("cloud-init status --long; "
+                                    "sudo tail -n 20 /var/log/cloud-init-output.log",
+                                    check=False, timeout=20).stdout
+            raise BootError(f"VM {self.name}: cloud-init reported an error"
+                            + (f" ({detail[:200]})" if detail else ""),
+                            detail=log_tail)
+        if state != "done":
             return False
         return all(check(self) for check in self.ready_checks)
+
+    def _cloud_init_status(self) -> str:
+        res = self.ssh.run("cloud-init status", check=False, timeout=20, connect_timeout=3)
+        status = res.stdout.strip()
+        if res.returncode == 127 or "disabled" in status:
+            raise BootError(f"VM {self.name}: cloud-init is "
+                            f"{'disabled' if 'disabled' in status else 'not installed'} in the "
+                            "guest; flightvm configures guests through it, so use an image "
+                            "where it runs")
+        if "error" in status:
+            return "error"
+        return "done" if "done" in status else "running"
 
     def reboot(self) -> float:
         """Reboot the guest and wait until it is ready again."""
