@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FlightVMError
 from .libvirt_conn import error_text
@@ -38,7 +38,7 @@ def revert(machine: Machine, *, deadline: float = REVERT_DEADLINE) -> float:
 
     start = time.monotonic()
     machine.ssh.close()
-    outcome: dict[str, BaseException | None] = {"error": None}
+    outcome: dict[str, Any] = {"error": None}
 
     def do_revert() -> None:
         try:
@@ -54,6 +54,10 @@ def revert(machine: Machine, *, deadline: float = REVERT_DEADLINE) -> float:
         raise RevertFailed(f"revert of {machine.name} did not finish in {deadline:.0f}s")
     if outcome["error"] is not None:
         raise RevertFailed(f"revert of {machine.name} failed: {error_text(outcome['error'])}")
+    # The guest agent answers over virtio-serial, not SSH: set the clock while SSH comes back.
+    clock = threading.Thread(target=_agent_set_time, args=(machine, outcome),
+                             name=f"clock-{machine.name}", daemon=True)
+    clock.start()
     remaining = max(1.0, deadline - (time.monotonic() - start))
     while True:
         res = machine.ssh.run("true", check=False, timeout=10, connect_timeout=3)
@@ -62,16 +66,22 @@ def revert(machine: Machine, *, deadline: float = REVERT_DEADLINE) -> float:
         if time.monotonic() - start > remaining:
             raise RevertFailed(f"{machine.name}: SSH did not answer {deadline:.0f}s after revert")
         time.sleep(0.2)
-    sync_clock(machine)
+    clock.join(10)
+    if not outcome.get("clock_set"):
+        _ssh_set_time(machine)
     return time.monotonic() - start
 
 
-def sync_clock(machine: Machine) -> None:
+def _agent_set_time(machine: Machine, outcome: dict[str, Any]) -> None:
     """A reverted guest wakes with the clock of the snapshot: set it to now."""
     now = time.time()
     try:
         machine.dom.setTime({"seconds": int(now), "nseconds": int((now % 1) * 1e9)}, 0)
+    except Exception:  # noqa: BLE001 - no guest agent (yet); the caller falls back to ssh
         return
-    except Exception:  # noqa: BLE001 - no guest agent; fall back to ssh
-        pass
+    outcome["clock_set"] = True
+
+
+def _ssh_set_time(machine: Machine) -> None:
     machine.run(f"sudo date -u -s @{time.time():.3f} >/dev/null", check=False, timeout=15)
+
