@@ -123,8 +123,10 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         "- **P5** the time from `request.getfixturevalue('flightvm')` to a ready VM (cloud-init "
         "done, SSH answers) in the reboot-reset suite of P6, against a hand-run boot: "
         "`flightvm seed render` with the same defaults, `qemu-img create -b BASE`, "
-        "`virsh define` + `virsh start` of an equivalent domain (TCG, 1 vCPU, 1 GiB, same "
-        "devices), then `ssh ... cloud-init status` once a second until it says done.",
+        "`virsh define` + `virsh start` of an equivalent domain (TCG, the plugin's default "
+        "vCPU count, 1 GiB, same devices), then `ssh ... cloud-init status` once a second "
+        "until it says done (what hand-written scripts poll; the plugin reads cloud-init's "
+        "status files over one shared SSH connection instead).",
         "- **P6** the same suite of tests that each dirty the guest (20 MiB on disk, 20 MiB "
         "in tmpfs, /etc/motd) under `--flightvm-reset snapshot` and `--flightvm-reset reboot`; "
         "each test checks it got a clean guest. Revert seconds from the metrics JSON "

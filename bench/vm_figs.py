@@ -12,6 +12,8 @@ import textwrap
 import time
 from typing import Any
 
+from pytest_flightvm.config import default_vcpus
+
 from .common import VENV_BIN, Ctx, log, run_child, stat
 from .figure import Bar, Figure, Panel, verdict
 
@@ -19,13 +21,14 @@ URI = "qemu:///system"
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", "-o", "LogLevel=ERROR"]
 
-# The same devices the plugin gives a guest (HOST-NOTES): q35, TCG, virtio disk on an
+# The same devices the plugin gives a guest (HOST-NOTES): q35, TCG, the plugin's default
+# vCPU count, virtio disk on an
 # overlay, seed on a virtio-scsi cdrom, serial console to a file, user-mode NIC with an
 # ssh forward on 127.0.0.1, QEMU as root through a static DAC label.
 HAND_XML = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   <memory unit='MiB'>1024</memory>
-  <vcpu>1</vcpu>
+  <vcpu>{vcpus}</vcpu>
   <os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
   <features><acpi/><apic/></features>
   <clock offset='utc'/>
@@ -87,7 +90,7 @@ def hand_boot(ctx: Ctx, index: int, timeout: float = 900) -> float:
     xml, user_data = vm_dir / "domain.xml", vm_dir / "user-data.yaml"
     user_data.write_text("{}\n")  # nothing over the defaults, like a plain `flightvm` fixture
     xml.write_text(HAND_XML.format(name=name, overlay=overlay, seed=seed, console=console,
-                                   port=port, mac=mac))
+                                   port=port, mac=mac, vcpus=default_vcpus()))
     start = time.monotonic()
     try:
         run_child([str(VENV_BIN / "flightvm"), "seed", "render", "--user-data", str(user_data),
