@@ -15,19 +15,20 @@ import os
 import re
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pytest_flightvm.config import Settings
+from tests.own_registry import OwnRegistry, make_ca_and_cert
+from tests.own_registry import start_registry as _start_registry
+
+__all__ = ["OwnRegistry", "make_ca_and_cert"]  # re-exported for the fault tests
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
@@ -211,88 +212,10 @@ USER = "flightvm-faults"
 SECRET = "Fault-Tier-S3cret-Pa55"
 
 
-@dataclass
-class OwnRegistry:
-    host: str
-    root: Path
-    pid: int
-    proc: subprocess.Popen  # type: ignore[type-arg]
-    ca: Path | None
-
-    def repo(self, name: str = "flightvm/base") -> str:
-        return f"{self.host}/{name}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
-def make_ca_and_cert(tmp: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 signed by it (openssl)."""
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    ca, ca_key = tmp / "ca.pem", tmp / "ca.key"
-    cert, key, csr = tmp / "server.pem", tmp / "server.key", tmp / "server.csr"
-    ext = tmp / "san.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for cmd in (
-        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1",
-         "-subj", "/CN=flightvm faults CA"],
-        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
-        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-         "-out", cert, "-days", "1", "-extfile", ext],
-    ):
-        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True)
-    return ca, cert, key
-
-
 def start_registry(tmp: Path, *, tls: bool, auth: bool, port: int | None = None) -> OwnRegistry:
-    """``/usr/bin/docker-registry serve cfg.yml`` on a free loopback port."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    cfg: dict = {
-        "version": 0.1,
-        "log": {"level": "error"},
-        "storage": {"filesystem": {"rootdirectory": str(tmp / "data")},
-                    "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{port}", "secret": "faults"},
-    }
-    ca = None
-    if tls:
-        ca, cert, key = make_ca_and_cert(tmp)
-        cfg["http"]["tls"] = {"certificate": str(cert), "key": str(key)}
-    if auth:
-        htpasswd = subprocess.run(["htpasswd", "-Bbn", USER, SECRET], check=True,
-                                  capture_output=True, text=True).stdout
-        (tmp / "htpasswd").write_text(htpasswd)
-        cfg["auth"] = {"htpasswd": {"realm": "flightvm-faults", "path": str(tmp / "htpasswd")}}
-    (tmp / "cfg.yml").write_text(json.dumps(cfg))  # JSON is YAML
-    log = open(tmp / "registry.log", "wb")  # noqa: SIM115 - the child keeps it
-    proc = subprocess.Popen(["/usr/bin/docker-registry", "serve", str(tmp / "cfg.yml")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    scheme = "https" if tls else "http"
-    context = ssl.create_default_context(cafile=str(ca)) if ca else None
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/v2/", timeout=1,
-                                   context=context).close()
-            break
-        except urllib.error.HTTPError:
-            break  # 401: up, and asking for credentials
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                kill_pid(proc.pid)
-                proc.wait()
-                raise RuntimeError("docker-registry did not start: "
-                                   + (tmp / "registry.log").read_text()[-2000:]) from None
-            time.sleep(0.05)
-    return OwnRegistry(f"127.0.0.1:{port}", tmp, proc.pid, proc, ca)
+    """``docker-registry serve`` on a free loopback port; USER/SECRET when ``auth``."""
+    return _start_registry(tmp, tls=tls, auth="htpasswd" if auth else None, user=USER,
+                           secret=SECRET, port=port)
 
 
 # -- mounts ---------------------------------------------------------------------------------

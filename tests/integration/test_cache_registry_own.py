@@ -7,15 +7,7 @@ import base64
 import json
 import logging
 import os
-import signal
-import socket
-import ssl
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,108 +19,38 @@ from pytest_flightvm.cache.registry import FlightRegistry, find_credentials
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.config import Settings
 from pytest_flightvm.errors import IntegrityError, RegistryAuthError, RegistryError
+from tests.own_registry import OwnRegistry, make_ca_and_cert, start_registry
 
 USER = "flightvm-ci"
 SECRET = "Sup3r-Secret-Pa55word"
 
 
-@dataclass
-class OwnRegistry:
-    host: str
-    data: Path
-    pid: int
-    ca: Path | None = None
-
-    def repo(self, name: str = "flightvm/base") -> str:
-        return f"{self.host}/{name}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_ca_and_cert(tmp: Path, name: str = "ca") -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 signed by it."""
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    ca, ca_key = tmp / f"{name}.pem", tmp / f"{name}.key"
-    cert, key, csr = tmp / f"{name}-server.pem", tmp / f"{name}-server.key", tmp / "server.csr"
-    ext = tmp / "san.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for cmd in (
-        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1",
-         "-subj", "/CN=flightvm test CA"],
-        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
-        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-         "-out", cert, "-days", "1", "-extfile", ext],
-    ):
-        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True)
-    return ca, cert, key
-
-
-def _start(tmp: Path, auth: bool, tls: bool = False) -> Iterator[OwnRegistry]:
-    port = _free_port()
-    cfg: dict = {
-        "version": 0.1,
-        "log": {"level": "error"},
-        "storage": {"filesystem": {"rootdirectory": str(tmp / "data")},
-                    "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{port}", "secret": "test"},
-    }
-    ca = None
-    if tls:
-        ca, cert, key = make_ca_and_cert(tmp)
-        cfg["http"]["tls"] = {"certificate": str(cert), "key": str(key)}
-    if auth:
-        htpasswd = subprocess.run(["htpasswd", "-Bbn", USER, SECRET], check=True,
-                                  capture_output=True, text=True).stdout
-        (tmp / "htpasswd").write_text(htpasswd)
-        cfg["auth"] = {"htpasswd": {"realm": "flightvm-test", "path": str(tmp / "htpasswd")}}
-    (tmp / "config.yml").write_text(json.dumps(cfg))  # JSON is YAML
-    log = open(tmp / "registry.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(["/usr/bin/docker-registry", "serve", str(tmp / "config.yml")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 10
-    scheme = "https" if tls else "http"
-    context = ssl.create_default_context(cafile=str(ca)) if ca else None
-    while True:
-        try:
-            urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/v2/", timeout=1,
-                                   context=context).close()
-            break
-        except urllib.error.HTTPError:
-            break  # 401: up, and asking for credentials
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"docker-registry did not start: {(tmp / 'registry.log').read_text()}")
-            time.sleep(0.05)
+def _start(tmp: Path, auth: str | None, tls: bool = False) -> Iterator[OwnRegistry]:
+    reg = start_registry(tmp, tls=tls, auth=auth, user=USER, secret=SECRET)
     try:
-        yield OwnRegistry(f"127.0.0.1:{port}", tmp / "data", proc.pid, ca)
+        yield reg
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        reg.stop()
 
 
 @pytest.fixture
 def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRegistry]:
-    yield from _start(tmp_path_factory.mktemp("auth-registry"), auth=True)
+    yield from _start(tmp_path_factory.mktemp("auth-registry"), auth="htpasswd")
 
 
 @pytest.fixture
 def plain_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRegistry]:
-    yield from _start(tmp_path_factory.mktemp("registry"), auth=False)
+    yield from _start(tmp_path_factory.mktemp("registry"), auth=None)
 
 
 @pytest.fixture
 def tls_auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRegistry]:
-    yield from _start(tmp_path_factory.mktemp("tls-registry"), auth=True, tls=True)
+    yield from _start(tmp_path_factory.mktemp("tls-registry"), auth="htpasswd", tls=True)
+
+
+@pytest.fixture
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRegistry]:
+    yield from _start(tmp_path_factory.mktemp("token-registry"), auth="token")
 
 
 @pytest.fixture
@@ -221,6 +143,60 @@ def test_resolve_with_wrong_credentials_fails_instead_of_building(
         resolve_image(settings, log=msgs.append)
     out, err = capfd.readouterr()
     assert SECRET not in out + err + "".join(msgs)
+
+
+# -- token auth: the Bearer flow of quay.io and Docker Hub -------------------------------
+
+
+def test_token_auth_with_user_and_password(token_registry: OwnRegistry, no_ambient_creds: Path,
+                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capfd: pytest.CaptureFixture[str],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """401 with a Bearer challenge -> Basic creds to the token service -> a scoped JWT."""
+    assert token_registry.token is not None
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("FLIGHTVM_REGISTRY_USER", USER)
+    monkeypatch.setenv("FLIGHTVM_REGISTRY_PASSWORD", SECRET)
+    src = disk(tmp_path / "d")
+    reg = FlightRegistry(token_registry.repo())
+    reg.push_disk(src, ["t"], arch="amd64")
+    store = Store(tmp_path / "s")
+    pulled = FlightRegistry(token_registry.repo()).pull_disk("t", store, arch="amd64")
+    assert store.blob_path(pulled.digest).read_bytes() == src.read_bytes()
+    assert token_registry.token.issued >= 2  # one per client at least: tokens were used
+    out, err = capfd.readouterr()
+    assert SECRET not in out + err + caplog.text
+
+
+def test_token_auth_wrong_password_is_one_line(token_registry: OwnRegistry,
+                                               no_ambient_creds: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    assert token_registry.token is not None
+    monkeypatch.setenv("FLIGHTVM_REGISTRY_USER", USER)
+    monkeypatch.setenv("FLIGHTVM_REGISTRY_PASSWORD", SECRET + "-wrong")
+    with pytest.raises(RegistryAuthError) as info:
+        FlightRegistry(token_registry.repo()).pull_disk("t", Store(tmp_path / "s"), arch="amd64")
+    message = str(info.value)
+    assert "rejected the credentials from FLIGHTVM_REGISTRY_USER" in message
+    assert "\n" not in message and info.value.exit_code == 2
+    assert token_registry.token.refused >= 1 and token_registry.token.issued == 0
+    out, err = capfd.readouterr()
+    assert SECRET not in out + err + message
+
+
+def test_token_auth_with_a_ready_token_from_env(token_registry: OwnRegistry,
+                                                no_ambient_creds: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLIGHTVM_REGISTRY_TOKEN (e.g. a CI job's token) goes straight to the registry."""
+    assert token_registry.token is not None
+    jwt = token_registry.token.sign(
+        [{"type": "repository", "name": "flightvm/base", "actions": ["pull", "push"]}])
+    monkeypatch.setenv("FLIGHTVM_REGISTRY_TOKEN", jwt)
+    reg = FlightRegistry(token_registry.repo())
+    reg.push_disk(disk(tmp_path / "d"), ["t"], arch="amd64")
+    assert reg.tags() == ["t"]
+    assert token_registry.token.issued == 0  # the token service was never asked
 
 
 def test_tls_registry_with_our_ca(tls_auth_registry: OwnRegistry, no_ambient_creds: Path,
