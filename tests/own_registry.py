@@ -58,8 +58,9 @@ def _b64url(data: bytes) -> str:
 
 
 class TokenServer:
-    """Issues registry JWTs (RS256, signed by openssl) to clients that send the right
-    Basic credentials, as distribution's token auth specification describes."""
+    """Issues registry JWTs (RS256, signed by openssl) as distribution's token auth
+    specification describes: GET with the right Basic credentials, or the OAuth2 POST
+    that trades ``refresh_token`` (docker's "identitytoken") for an access token."""
 
     def __init__(self, tmp: Path, user: str, secret: str) -> None:
         self.user, self.secret = user, secret
@@ -68,7 +69,9 @@ class TokenServer:
                  "-out", self.cert, "-days", "1", "-subj", "/CN=flightvm test token issuer")
         der = _openssl("x509", "-in", self.cert, "-outform", "DER")
         self._x5c = base64.b64encode(der).decode()
+        self.refresh_token = f"refresh-{secret}"
         self.issued = 0
+        self.refreshed = 0
         self.refused = 0
         self._lock = threading.Lock()
         server = self
@@ -78,6 +81,17 @@ class TokenServer:
                 query = urllib.parse.urlparse(self.path)
                 params = urllib.parse.parse_qs(query.query)
                 status, body = server.answer(self.headers.get("Authorization", ""), params)
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                length = int(self.headers.get("Content-Length") or 0)
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                status, body = server.refresh(form)
                 payload = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -108,6 +122,18 @@ class TokenServer:
         with self._lock:
             self.issued += 1
         return 200, {"token": token, "access_token": token, "expires_in": 300}
+
+    def refresh(self, form: dict[str, list[str]]) -> tuple[int, dict]:
+        grant = form.get("grant_type", [""])[0]
+        if grant != "refresh_token" or form.get("refresh_token", [""])[0] != self.refresh_token:
+            with self._lock:
+                self.refused += 1
+            return 401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad refresh token"}]}
+        status, body = self.answer(
+            "Basic " + base64.b64encode(f"{self.user}:{self.secret}".encode()).decode(), form)
+        with self._lock:
+            self.refreshed += 1
+        return status, body
 
     def sign(self, access: list[dict[str, Any]], service: str = TOKEN_SERVICE) -> str:
         now = int(time.time())

@@ -128,6 +128,8 @@ class Credentials:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
+    # docker's "identitytoken": an OAuth2 refresh token, traded at the token service
+    identity_token: str | None = field(default=None, repr=False)
 
     def basic(self) -> str | None:
         if self.username is None or self.password is None:
@@ -150,10 +152,14 @@ def _normalize_auth_key(key: str) -> str:
     return key.split("/", 1)[0]
 
 
+HELPER_TIMEOUT = 10.0
+
+
 def find_credentials(host: str, env: Mapping[str, str] | None = None) -> Credentials | None:
     """Credentials for ``host``: FLIGHTVM_REGISTRY_TOKEN, then FLIGHTVM_REGISTRY_USER +
     FLIGHTVM_REGISTRY_PASSWORD, then the docker config (``$DOCKER_CONFIG/config.json``
-    or ``~/.docker/config.json``, ``auths.<host>.auth``)."""
+    or ``~/.docker/config.json``) the way docker reads it: ``credHelpers.<host>``, else
+    ``credsStore``, through ``docker-credential-<name> get``; then ``auths.<host>``."""
     env = os.environ if env is None else env
     if env.get("FLIGHTVM_REGISTRY_TOKEN"):
         return Credentials("FLIGHTVM_REGISTRY_TOKEN", token=env["FLIGHTVM_REGISTRY_TOKEN"])
@@ -171,9 +177,18 @@ def find_credentials(host: str, env: Mapping[str, str] | None = None) -> Credent
         log.warning("cannot read docker config %s; ignoring it", config)
         return None
     aliases = _host_aliases(host)
+    helpers = {k: v for k, v in (data.get("credHelpers") or {}).items()
+               if _normalize_auth_key(k) in aliases and isinstance(v, str)}
+    helper = next(iter(helpers.values()), None) or data.get("credsStore")
+    if isinstance(helper, str) and helper:
+        found = _from_helper(helper, host, str(config))
+        if found is not None:
+            return found
     for key, entry in (data.get("auths") or {}).items():
         if _normalize_auth_key(key) not in aliases or not isinstance(entry, dict):
             continue
+        if entry.get("identitytoken"):  # wins over "auth", which then holds no password
+            return Credentials(f"docker config {config}", identity_token=entry["identitytoken"])
         if entry.get("auth"):
             try:
                 decoded = base64.b64decode(entry["auth"]).decode()
@@ -185,8 +200,40 @@ def find_credentials(host: str, env: Mapping[str, str] | None = None) -> Credent
             return Credentials(f"docker config {config}", u, p)
         if entry.get("username") and entry.get("password") is not None:
             return Credentials(f"docker config {config}", entry["username"], entry["password"])
-        if entry.get("identitytoken"):
-            return Credentials(f"docker config {config}", token=entry["identitytoken"])
+    return None
+
+
+def _from_helper(helper: str, host: str, config: str) -> Credentials | None:
+    """Ask ``docker-credential-<helper> get`` (the docker credential-helper protocol:
+    the server on stdin, ``{"Username", "Secret"}`` JSON on stdout). None when the helper
+    has nothing for ``host``; a missing or failing helper is one warning, never fatal
+    here: a registry that needs no credentials must still work."""
+    program = f"docker-credential-{helper}"
+    source = f"{program} (from {config})"
+    for server in sorted(_host_aliases(host)):
+        try:
+            proc = subprocess.run([program, "get"], input=server.encode(), capture_output=True,
+                                  timeout=HELPER_TIMEOUT)
+        except FileNotFoundError:
+            log.warning("docker config %s names the credential helper %s, which is not "
+                        "installed; ignoring it", config, program)
+            return None
+        except subprocess.TimeoutExpired:
+            log.warning("credential helper %s gave no answer in %g s; ignoring it",
+                        program, HELPER_TIMEOUT)
+            return None
+        if proc.returncode != 0:
+            continue  # "credentials not found in native keychain": try the next alias
+        try:
+            answer = json.loads(proc.stdout)
+            user, secret = str(answer["Username"]), str(answer["Secret"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("credential helper %s answered something that is not its JSON; "
+                        "ignoring it", program)
+            return None
+        if user == "<token>":  # docker's marker for an identity token
+            return Credentials(source, identity_token=secret)
+        return Credentials(source, user, secret)
     return None
 
 
@@ -477,10 +524,18 @@ class FlightRegistry(oras.provider.Registry):
         if token is None:
             basic = creds.basic()
             try:
-                r = self.session.get(
-                    realm, params=params, headers={"Authorization": basic} if basic else {},
-                    timeout=self.timeout, verify=self._tls_verify,
-                )
+                if creds.identity_token:  # OAuth2: trade the refresh token for an access token
+                    r = self.session.post(
+                        realm, data={**params, "grant_type": "refresh_token",
+                                     "refresh_token": creds.identity_token,
+                                     "client_id": "pytest-flightvm"},
+                        timeout=self.timeout, verify=self._tls_verify,
+                    )
+                else:
+                    r = self.session.get(
+                        realm, params=params, headers={"Authorization": basic} if basic else {},
+                        timeout=self.timeout, verify=self._tls_verify,
+                    )
             except requests.exceptions.RequestException as exc:
                 raise self._unavailable(exc) from None
             if r.status_code in (401, 403):

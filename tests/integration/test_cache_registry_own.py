@@ -199,6 +199,105 @@ def test_token_auth_with_a_ready_token_from_env(token_registry: OwnRegistry,
     assert token_registry.token.issued == 0  # the token service was never asked
 
 
+# -- docker credential helpers (credHelpers, credsStore) and identity tokens ---------------
+
+
+def _helper(bin_dir: Path, name: str, body: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real ``docker-credential-NAME`` program on PATH (the credential-helper protocol)."""
+    bin_dir.mkdir(exist_ok=True)
+    program = bin_dir / f"docker-credential-{name}"
+    program.write_text("#!/bin/sh\n" + body)
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def _answer_for(host: str, user: str, secret: str) -> str:
+    """Shell: answer for ``host`` (either spelling of loopback), else docker's not-found."""
+    other = host.replace("127.0.0.1", "localhost")
+    return (f'read server\ncase "$server" in {host}|{other}) '
+            f'printf \'{{"ServerURL":"%s","Username":"{user}","Secret":"{secret}"}}\' '
+            '"$server";;\n*) echo "credentials not found in native keychain"; exit 1;;\nesac\n')
+
+
+def test_cred_helper_for_the_host(auth_registry: OwnRegistry, no_ambient_creds: Path,
+                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capfd: pytest.CaptureFixture[str]) -> None:
+    _helper(tmp_path / "bin", "flightvmtest", _answer_for(auth_registry.host, USER, SECRET),
+            monkeypatch)
+    (no_ambient_creds / "config.json").write_text(json.dumps(
+        {"credHelpers": {auth_registry.host: "flightvmtest"},
+         "auths": {auth_registry.host: {"auth": base64.b64encode(b"x:wrong").decode()}}}))
+    creds = find_credentials(auth_registry.host)
+    assert creds and creds.username == USER and "docker-credential-flightvmtest" in creds.source
+    reg = FlightRegistry(auth_registry.repo())
+    reg.push_disk(disk(tmp_path / "d"), ["t"], arch="amd64")
+    assert reg.tags() == ["t"]
+    out, err = capfd.readouterr()
+    assert SECRET not in out + err
+
+
+def test_creds_store_without_an_entry_falls_back_to_auths(
+    auth_registry: OwnRegistry, no_ambient_creds: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _helper(tmp_path / "bin", "emptystore", _answer_for("other.example:5000", "u", "p"),
+            monkeypatch)
+    auth = base64.b64encode(f"{USER}:{SECRET}".encode()).decode()
+    (no_ambient_creds / "config.json").write_text(json.dumps(
+        {"credsStore": "emptystore", "auths": {auth_registry.host: {"auth": auth}}}))
+    creds = find_credentials(auth_registry.host)
+    assert creds and creds.username == USER and creds.source.startswith("docker config")
+    FlightRegistry(auth_registry.repo()).push_disk(disk(tmp_path / "d"), ["t"], arch="amd64")
+
+
+def test_missing_creds_store_helper_is_a_warning_then_a_one_line_auth_error(
+    auth_registry: OwnRegistry, no_ambient_creds: Path, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (no_ambient_creds / "config.json").write_text(json.dumps({"credsStore": "not-installed-x"}))
+    assert find_credentials(auth_registry.host) is None
+    assert "docker-credential-not-installed-x, which is not installed" in caplog.text
+    with pytest.raises(RegistryAuthError, match="requires credentials") as info:
+        FlightRegistry(auth_registry.repo()).push_disk(disk(tmp_path / "d"), ["t"],
+                                                       arch="amd64")
+    assert "\n" not in str(info.value)
+
+
+def test_identity_token_from_a_helper_is_traded_at_the_token_service(
+    token_registry: OwnRegistry, no_ambient_creds: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+) -> None:
+    assert token_registry.token is not None
+    refresh = token_registry.token.refresh_token
+    _helper(tmp_path / "bin", "idtok", _answer_for(token_registry.host, "<token>", refresh),
+            monkeypatch)
+    (no_ambient_creds / "config.json").write_text(json.dumps({"credsStore": "idtok"}))
+    src = disk(tmp_path / "d")
+    reg = FlightRegistry(token_registry.repo())
+    reg.push_disk(src, ["t"], arch="amd64")
+    store = Store(tmp_path / "s")
+    assert store.blob_path(reg.pull_disk("t", store, arch="amd64").digest).read_bytes() == (
+        src.read_bytes())
+    assert token_registry.token.refreshed >= 1
+    out, err = capfd.readouterr()
+    assert refresh not in out + err
+
+
+def test_wrong_identity_token_in_auths_is_one_line(token_registry: OwnRegistry,
+                                                   no_ambient_creds: Path, tmp_path: Path,
+                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    assert token_registry.token is not None
+    (no_ambient_creds / "config.json").write_text(json.dumps({"auths": {token_registry.host: {
+        "auth": base64.b64encode(b"00000000-0000-0000-0000-000000000000:").decode(),
+        "identitytoken": "stale-refresh-token"}}}))
+    with pytest.raises(RegistryAuthError, match="rejected the credentials from docker config"):
+        FlightRegistry(token_registry.repo()).pull_disk("t", Store(tmp_path / "s"),
+                                                        arch="amd64")
+    assert token_registry.token.refused >= 1 and token_registry.token.refreshed == 0
+    out, err = capfd.readouterr()
+    assert "stale-refresh-token" not in out + err
+
+
 def test_tls_registry_with_our_ca(tls_auth_registry: OwnRegistry, no_ambient_creds: Path,
                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert tls_auth_registry.ca is not None
