@@ -78,20 +78,14 @@ class TokenServer:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                query = urllib.parse.urlparse(self.path)
-                params = urllib.parse.parse_qs(query.query)
-                status, body = server.answer(self.headers.get("Authorization", ""), params)
-                payload = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                params = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+                self._reply(*server.answer(self.headers.get("Authorization", ""), params))
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 length = int(self.headers.get("Content-Length") or 0)
-                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
-                status, body = server.refresh(form)
+                self._reply(*server.refresh(urllib.parse.parse_qs(self.rfile.read(length).decode())))
+
+            def _reply(self, status: int, body: dict[str, Any]) -> None:
                 payload = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
