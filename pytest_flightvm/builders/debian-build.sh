@@ -225,11 +225,14 @@ terminal_output serial console
 set timeout=0
 set timeout_style=hidden
 set default=0
+# mitigations=off: a throwaway test guest gains nothing from Spectre-class mitigations
+# (they guard the guest's processes from each other, never the host from the guest),
+# and under TCG they cost ~12% of boot to ready (57.4 -> 50.2 s, 3 alternating pairs).
 menuentry "Debian $SUITE (flightvm)" {
     insmod part_msdos
     insmod ext2
     search --no-floppy --label root --set=root
-    linux $K_PATH root=LABEL=root ro console=tty0 console=ttyS0,115200n8 net.ifnames=0
+    linux $K_PATH root=LABEL=root ro console=tty0 console=ttyS0,115200n8 net.ifnames=0 mitigations=off
     initrd $I_PATH
 }
 GRUB
