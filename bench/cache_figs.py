@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pytest_flightvm.cache.build import builder_for
+from pytest_flightvm.cache.key import compute_key
 from pytest_flightvm.cache.registry import FlightRegistry
 from pytest_flightvm.cache.resolve import push_file, resolve_image
 from pytest_flightvm.cache.store import Store
@@ -44,15 +46,28 @@ def _quiet(_msg: str) -> None:
     pass
 
 
+def project_settings(ctx: Ctx) -> Settings:
+    return resolve({"registry": ctx.source_repo, "push": False}, {}, os.environ,
+                   rootdir=REPO_ROOT)
+
+
+def project_base_is_stored(ctx: Ctx) -> bool:
+    """Is the project's base (its current key) in the default local store?"""
+    settings = project_settings(ctx)
+    key = compute_key(builder_for(settings.build_cmd, settings.rootdir).identity,
+                      settings.build_inputs, settings.rootdir, settings.arch)
+    store = Store(settings.store_dir)
+    info = store.ref_info(f"key/{key.digest}")
+    return info is not None and store.has(info["digest"])
+
+
 def ensure_base(ctx: Ctx) -> None:
     """Resolve the project's base (default store, else ``ctx.source_repo``, else build),
     then give the bench its own copy: a store under the work dir whose key comes from
     ``cp <blob> $FLIGHTVM_OUTPUT`` (so commits landing in a shared tree cannot move the
     key mid-run, and other runs' locks on the default store cannot stall ours), pushed to
     ``ctx.base_repo`` under that key's tag. Every cold pull below pulls it, never builds."""
-    project = resolve({"registry": ctx.source_repo, "push": False}, {}, os.environ,
-                      rootdir=REPO_ROOT)
-    source = resolve_image(project, log=log)
+    source = resolve_image(project_settings(ctx), log=log)
     ctx.build_cmd = f'cp {source.path} "$FLIGHTVM_OUTPUT"'
     ctx.cache_dir = ctx.work / "cache"
     settings = _settings(ctx)
@@ -310,7 +325,9 @@ def p3_push_rss(ctx: Ctx) -> Figure:
         res = python_child(textwrap.dedent(f"""
             import json, time
             from pathlib import Path
-            from pytest_flightvm.cache.registry import FlightRegistry
+            from pytest_flightvm.cache.build import builder_for
+from pytest_flightvm.cache.key import compute_key
+from pytest_flightvm.cache.registry import FlightRegistry
             t = time.monotonic()
             r = FlightRegistry({repo!r}).push_disk(Path({str(img.path)!r}), ["bench"],
                 arch={img.arch!r}, key={img.key!r}, digest={img.digest!r})
@@ -493,16 +510,24 @@ def compression(ctx: Ctx) -> Figure:
 
 
 # ---------------------------------------------------------------- P7 cold build
-def p7_cold_build(ctx: Ctx) -> Figure:
+def p7_cold_build(ctx: Ctx, *, into_project_store: bool = False) -> Figure:
+    """``flightvm cache get --force``, offline, the built-in builder end to end. With
+    ``into_project_store`` (the project's base is not stored yet, so the run needs this
+    very build) it builds into the default cache dir, and the setup then finds it there
+    instead of building a second time; otherwise into a scratch cache dir."""
     fig = Figure("P7", "cold build of the base (built-in Debian builder, `cache get --force`)",
                  target="absolute")
-    cache = ctx.scratch("p7-cache")
+    cache = project_settings(ctx).cache_dir if into_project_store else ctx.scratch("p7-cache")
     env = {"FLIGHTVM_OFFLINE": "1", "REGISTRY_CACHE": "false"}
     try:
         res = run_child([str(VENV_BIN / "flightvm"), "cache", "get", "--force", "--cache-dir",
                          str(cache)], cwd=REPO_ROOT, env=env, timeout=1200, check=False)
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        if not into_project_store:
+            shutil.rmtree(cache, ignore_errors=True)
+    if into_project_store:
+        fig.notes.append("the project's base was not stored yet: this build went into the "
+                         "default cache dir and is the base every other figure used")
     if res.returncode != 0 or "source=build" not in res.stderr:
         fig.verdict = "failed"
         fig.value = f"build failed (exit {res.returncode})"
