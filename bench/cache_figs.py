@@ -325,9 +325,7 @@ def p3_push_rss(ctx: Ctx) -> Figure:
         res = python_child(textwrap.dedent(f"""
             import json, time
             from pathlib import Path
-            from pytest_flightvm.cache.build import builder_for
-from pytest_flightvm.cache.key import compute_key
-from pytest_flightvm.cache.registry import FlightRegistry
+            from pytest_flightvm.cache.registry import FlightRegistry
             t = time.monotonic()
             r = FlightRegistry({repo!r}).push_disk(Path({str(img.path)!r}), ["bench"],
                 arch={img.arch!r}, key={img.key!r}, digest={img.digest!r})
