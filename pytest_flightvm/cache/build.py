@@ -126,7 +126,7 @@ def stop_orphaned_group(note: Path, grace: float = 10.0) -> bool:
     """SIGTERM the group recorded in ``note`` if that leader still runs; True if signalled.
     SIGTERM first: the Debian builder's trap then unmounts and detaches loops. A
     group whose leader is still there after ``grace`` seconds gets SIGKILL."""
-    from ..vm.domain import process_start
+    from ..vm.domain import process_is_zombie, process_start
 
     try:
         pid_text, _, start = note.read_text().strip().partition(" ")
@@ -143,18 +143,11 @@ def stop_orphaned_group(note: Path, grace: float = 10.0) -> bool:
     while time.monotonic() < deadline:
         time.sleep(0.1)
         now = process_start(pgid)
-        if now is None or (start and now != start) or _is_zombie(pgid):
+        if now is None or (start and now != start) or process_is_zombie(pgid):
             return True
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)  # it ignored SIGTERM (or its trap hung)
     return True
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -397,10 +397,10 @@ class FlightRegistry(oras.provider.Registry):
         self.container = oras.container.Container(self.ref.name, registry=ref.host)
         self.base = f"{self.prefix}://{ref.host}/v2/{ref.repository}"
         self.timeout = (connect_timeout, read_timeout)
-        if credentials is True:
-            self.credentials: Credentials | None = find_credentials(ref.host)
-        else:
-            self.credentials = credentials or None
+        # Looked up on the first challenge, not here: a registry that never asks for
+        # credentials never runs a docker credential helper.
+        self._find_credentials = credentials is True
+        self._credentials = None if credentials is True else (credentials or None)
         self._authorization: str | None = None
         self._tokens: dict[str, str] = {}
 
@@ -486,6 +486,12 @@ class FlightRegistry(oras.provider.Registry):
             f"registry {self.ref.host} rejected the credentials from {self.credentials.source}; "
             "fix them (user, password or token)"
         )
+
+    @property
+    def credentials(self) -> Credentials | None:
+        if self._find_credentials:
+            self._credentials, self._find_credentials = find_credentials(self.ref.host), False
+        return self._credentials
 
     def _creds_hint(self) -> str:
         return f" (credentials from {self.credentials.source})" if self.credentials else ""
