@@ -107,10 +107,10 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         "is the difference of the medians. Also `resolve_image()` in-process. Bytes moved "
         "come from the resolve record (`source=local bytes=0`).",
         "- **P2** a cold pull into an empty cache dir through `resolve_image()` (manifest, "
-        "streamed blob, sha256 verified, fsynced, made read-only) and through the "
+        "streamed blob, sha256 verified while written, made read-only) and through the "
         "`flightvm cache get` process, alternating with `curl -o` of the same blob from the "
-        "same registry, with curl followed by `openssl dgst -sha256` and `sync FILE` (the "
-        "same guarantees, one after the other), and with the seed's podman path "
+        "same registry, with curl followed by `openssl dgst -sha256` (the same check, "
+        "one after the other), and with the seed's podman path "
         "(`podman pull` + `podman create` + "
         "`podman cp` of a `FROM scratch` image holding `/qcow2/disk.qcow2`, vfs storage, "
         "pushed with podman's default gzip layer).",

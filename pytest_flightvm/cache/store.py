@@ -14,11 +14,18 @@ half-written or unverified file is never mistaken for a hit. A hit is cheap:
 When the fingerprint changed (the file was written to, truncated, touched or
 replaced), the blob is rehashed; if it no longer matches its digest it is
 removed and the caller fetches it again.
+
+Blobs are not fsynced (that was ~0.2 s of a 0.7 s pull of 480 MiB). Instead the
+fingerprint also records the boot it was taken in (the kernel's boot_id), and a
+hit from a later boot rehashes the blob once: what a crash or power loss kept
+from being written back is found and fetched again, never served. Where the
+kernel gives no boot id, blobs are fsynced as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -29,7 +36,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -61,6 +68,15 @@ def _fingerprint(st: os.stat_result) -> dict[str, int]:
         "ino": st.st_ino,
         "dev": st.st_dev,
     }
+
+
+@functools.lru_cache(maxsize=1)
+def boot_id() -> str | None:
+    """This boot's id (it changes on every reboot), or None where the kernel has none."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -102,6 +118,41 @@ class StoreEntry:
     refs: tuple[str, ...]
 
 
+class _Stage:
+    """A thread that applies ``fn`` to each chunk put to it, in order.
+
+    hashlib and file writes release the GIL, so stages run alongside the caller.
+    The first exception is kept in ``error``; later chunks are then dropped, so
+    ``put`` never blocks on a dead stage.
+    """
+
+    def __init__(self, fn: Callable[[bytes], object], depth: int = 8) -> None:
+        self._fn = fn
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self._fn(chunk)
+                except BaseException as exc:  # handed to the caller by write/commit
+                    self.error = exc
+
+    def put(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def finish(self, cancel: bool = False) -> None:
+        """Wait until every chunk put so far was handled (or dropped, with ``cancel``)."""
+        if cancel and self.error is None:
+            self.error = CacheError("cancelled")
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
 class BlobWriter:
     """Streams bytes into a temp file in the store while hashing them.
 
@@ -109,6 +160,10 @@ class BlobWriter:
     against ``expected`` and the blob is installed read-only under its digest;
     on an exception or a mismatch the temp file is removed. ``digest`` holds
     the result after commit.
+
+    The caller only hands chunks over: one thread hashes them and another
+    writes them, so a pull costs about its slowest part (receive or hash)
+    instead of receive + write + hash.
     """
 
     def __init__(self, store: Store, expected: str | None = None, size: int | None = None):
@@ -120,52 +175,48 @@ class BlobWriter:
         self._hash = hashlib.sha256()
         self.bytes = 0
         self.digest: str | None = None
-        # Hashing runs in a thread (hashlib and file writes release the GIL), so a
-        # pull costs about max(receive + write, hash) instead of their sum.
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
-        self._hasher = threading.Thread(target=self._hash_loop, daemon=True)
-        self._hasher.start()
-
-    def _hash_loop(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            self._hash.update(chunk)
+        self._hasher = _Stage(self._hash.update)
+        self._writer = _Stage(self._file.write)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._file is None:
             raise CacheError("write to a closed blob writer")
+        if isinstance(self._writer.error, OSError):
+            raise self._io_error(self._writer.error)
         chunk = data if isinstance(data, bytes) else bytes(data)
-        self._queue.put(chunk)
-        try:
-            self._file.write(chunk)
-        except OSError as exc:
-            raise self._io_error(exc) from None
+        self._hasher.put(chunk)
+        self._writer.put(chunk)
         self.bytes += len(chunk)
         return len(chunk)
 
-    def _io_error(self, exc: OSError) -> CacheError:
+    def _io_error(self, exc: BaseException) -> CacheError:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
         return StoreUnusable(
-            f"cannot write to the image store at {self.store.root} ({exc.strerror}); "
+            f"cannot write to the image store at {self.store.root} ({reason}); "
             "free space there or set --flightvm-cache-dir"
         )
-
-    def _stop_hashing(self) -> None:
-        if self._hasher.is_alive():
-            self._queue.put(None)
-            self._hasher.join()
 
     def commit(self) -> str:
         if self._file is None:
             raise CacheError("blob writer already closed")
+        self._writer.finish()
         f, self._file = self._file, None
         try:
+            if self._writer.error is not None:
+                raise self._writer.error
             f.flush()
-            os.fsync(f.fileno())
-        except OSError as exc:
+            if boot_id() is None:  # no way to tell a later boot: make it durable now
+                os.fsync(f.fileno())
+        except BaseException as exc:
+            self._hasher.finish(cancel=True)
             self._discard()
-            raise self._io_error(exc) from None
+            if isinstance(exc, OSError):
+                raise self._io_error(exc) from None
+            raise
         finally:
-            f.close()
-            self._stop_hashing()
+            with contextlib.suppress(OSError):
+                f.close()
+        self._hasher.finish()
         digest = "sha256:" + self._hash.hexdigest()
         if self.expected and digest != self.expected:
             self._discard()
@@ -183,11 +234,12 @@ class BlobWriter:
         return self.digest
 
     def abort(self) -> None:
+        self._writer.finish(cancel=True)
+        self._hasher.finish(cancel=True)
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
             self._file = None
-        self._stop_hashing()
         self._discard()
 
     def _discard(self) -> None:
@@ -283,12 +335,13 @@ class Store:
             return digest
         os.chmod(tmp, READ_ONLY)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        if boot_id() is None:
+            _fsync_dir(final.parent)
         self._record(digest, os.stat(final))
         return digest
 
     def _record(self, digest: str, st: os.stat_result) -> None:
-        data = {**_fingerprint(st), "verified_at": time.time()}
+        data = {**_fingerprint(st), "verified_at": time.time(), "boot_id": boot_id()}
         _write_atomic(self._meta_path(digest), json.dumps(data).encode())
 
     def _read_meta(self, digest: str) -> dict[str, Any] | None:
@@ -301,7 +354,8 @@ class Store:
         """Is the blob present and intact?
 
         ``full=False`` trusts the fingerprint recorded at the last verification
-        and only rehashes when the file's stat changed. A blob that fails is
+        and only rehashes when the file's stat changed or the machine rebooted
+        since (unsynced data may not have survived). A blob that fails is
         removed (so the caller fetches it again) and False is returned.
         """
         path = self.blob_path(digest)
@@ -313,7 +367,9 @@ class Store:
             return False
         if not full:
             meta = self._read_meta(digest)
-            if meta is not None and all(meta.get(k) == v for k, v in _fingerprint(st).items()):
+            if (meta is not None
+                    and all(meta.get(k) == v for k, v in _fingerprint(st).items())
+                    and meta.get("boot_id") in (None, boot_id())):  # None: fsynced (older meta)
                 return True
         try:
             actual = "sha256:" + _hash_file(path)

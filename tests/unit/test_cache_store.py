@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -158,6 +160,92 @@ def test_full_verify_catches_what_the_fingerprint_cannot(store: Store, tmp_path:
     assert store.has(digest)  # fingerprint unchanged: trusted
     assert not store.verify(digest, full=True)
     assert not store.blob_path(digest).exists()
+
+
+def _set_meta(store: Store, digest: str, **fields: object) -> None:
+    meta = store._read_meta(digest)
+    assert meta is not None
+    meta.update(fields)
+    store._meta_path(digest).write_text(json.dumps(meta))
+
+
+def test_a_blob_from_an_earlier_boot_is_rehashed_once(store: Store, tmp_path: Path,
+                                                      monkeypatch) -> None:
+    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+    assert store._read_meta(digest)["boot_id"] == store_mod.boot_id() is not None
+    _set_meta(store, digest, boot_id="an-earlier-boot")
+    calls = []
+    real = store_mod._hash_file
+    monkeypatch.setattr(store_mod, "_hash_file", lambda p: calls.append(p) or real(p))
+    assert store.has(digest) and store.has(digest)
+    assert len(calls) == 1
+    assert store._read_meta(digest)["boot_id"] == store_mod.boot_id()
+
+
+def test_what_a_crash_kept_from_disk_is_not_served_after_the_reboot(store: Store,
+                                                                    tmp_path: Path) -> None:
+    """Blobs are not fsynced: a power loss can leave the name and size on disk but zeros
+    where the data was. The stat fingerprint then still matches; the boot id does not."""
+    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2", size=3 << 20))
+    blob = store.blob_path(digest)
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(bytes(1 << 20))
+    os.chmod(blob, 0o444)
+    st = blob.stat()
+    _set_meta(store, digest, size=st.st_size, mtime_ns=st.st_mtime_ns,
+              ctime_ns=st.st_ctime_ns, boot_id="the-boot-that-crashed")
+    assert not store.has(digest)
+    assert not blob.exists()
+
+
+def test_without_a_boot_id_blobs_are_fsynced_and_then_trusted(store: Store, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    monkeypatch.setattr(store_mod, "boot_id", lambda: None)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(store_mod.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    data = b"QFI\xfb" + os.urandom(1 << 20)
+    with store.writer(expected=sha(data)) as w:
+        w.write(data)
+    assert len(synced) == 2  # the blob, then its directory
+    assert store._read_meta(sha(data))["boot_id"] is None
+
+    def boom(path: Path) -> str:
+        raise AssertionError("rehashed a blob that was fsynced")
+
+    monkeypatch.setattr(store_mod, "_hash_file", boom)
+    assert store.has(sha(data))
+
+
+def test_a_write_error_in_the_writer_thread_is_one_store_error(tmp_path: Path) -> None:
+    """A real write failure (the file size limit, EFBIG) inside the writer thread comes back
+    to the caller as the store's one-line error, and no temp file is left."""
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        from pathlib import Path
+        from pytest_flightvm.cache.store import Store
+        from pytest_flightvm.errors import StoreUnusable
+        store = Store(Path({str(tmp_path / "store")!r}))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        try:
+            with store.writer() as w:
+                for _ in range(64):
+                    w.write(b"x" * (256 << 10))
+        except StoreUnusable as exc:
+            print(exc)
+            sys.exit(3)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 3, res.stderr
+    assert "cannot write to the image store" in res.stdout
+    assert "File too large" in res.stdout
+    assert "Traceback" not in res.stderr
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+    assert list((tmp_path / "store" / "blobs" / "sha256").iterdir()) == []
 
 
 def test_refs(store: Store, tmp_path: Path) -> None:
