@@ -30,6 +30,7 @@ from .common import (
     log,
     python_child,
     run_child,
+    settle_io,
     stat,
 )
 from .figure import Bar, Figure, verdict
@@ -82,6 +83,18 @@ def ensure_base(ctx: Ctx) -> None:
     size = image.path.stat().st_size
     log(f"base image {image.digest[:19]} ({size / MiB:.0f} MiB) from {source.source}; bench "
         f"copy {ctx.base_repo}:{image.tags[0]}")
+
+
+def _settle_mib(ctx: Ctx, copies: int) -> int:
+    """MiB a sample writes into the page cache: ``copies`` of the base, plus a margin."""
+    return int(copies * ctx.base.path.stat().st_size * 1.25 / MiB)
+
+
+SETTLE_NOTE = ("every sample starts after an untimed `sync` and an untimed write+delete of a "
+               "file as large as what the sample writes: this VM's free memory goes cold "
+               "(the balloon reports it to the host) and the first write into it costs ~12× "
+               "(dd of 480 MiB: ~1.2 s cold, 0.1 s warm), so without it a sample's time "
+               "depended on when memory was last freed")
 
 
 # ------------------------------------------------------------------ P1 local hit
@@ -269,7 +282,7 @@ def p2_cold_pull(ctx: Ctx) -> Figure:
     if podman_ref:
         contenders["podman pull+create+cp"] = podman_path
     try:
-        runs = alternate(ctx.reps, contenders, settle=os.sync)
+        runs = alternate(ctx.reps, contenders, settle=settle_io(ctx.work, _settle_mib(ctx, 1)))
     finally:
         podman.wipe()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -300,9 +313,8 @@ def p2_cold_pull(ctx: Ctx) -> Figure:
     notes.append("flightvm verifies the sha256 while writing into the read-only store (no "
                  "fsync: a blob from an earlier boot is rehashed once, so what a crash lost is "
                  "refetched, never served); curl does not verify; podman gunzips the layer "
-                 "into vfs storage and copies it out; every sample starts after an untimed "
-                 "`sync`, so none pays for the writeback of the bytes the previous sample "
-                 "left dirty")
+                 "into vfs storage and copies it out")
+    notes.append(SETTLE_NOTE)
     return fig
 
 
@@ -473,7 +485,8 @@ def compression(ctx: Ctx) -> Figure:
         return fig
     try:
         runs = alternate(ctx.reps_zstd, {"none": lambda: cycle("none"),
-                                         "zstd": lambda: cycle("zstd")}, settle=os.sync)
+                                         "zstd": lambda: cycle("zstd")},
+                         settle=settle_io(ctx.work, _settle_mib(ctx, 2)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -500,6 +513,7 @@ def compression(ctx: Ctx) -> Figure:
         fig.data["breakeven_mbit_s"] = mbit
     elif saved > 0:
         fig.notes.append("zstd is smaller and not slower even on loopback: it wins everywhere")
+    fig.notes.append(SETTLE_NOTE)
     fig.verdict = "info"
     fig.data.update({"none": runs["none"], "zstd": runs["zstd"], "none_bytes": n_bytes,
                      "zstd_bytes": z_bytes, "extra_seconds": extra_s})

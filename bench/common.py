@@ -128,6 +128,28 @@ def alternate(reps: int, contenders: Mapping[str, Callable[[], Any]], *,
     return out
 
 
+def settle_io(where: Path, mib: int) -> Callable[[], None]:
+    """A ``settle`` for samples that write about ``mib`` MiB: write back what earlier
+    samples left dirty (``sync``), then write and delete a file of that size, untimed.
+
+    This VM's free memory goes cold: the balloon's free-page reporting hands it back to
+    the host, and the first write into it costs ~12x (dd of 480 MiB: 1.0-1.4 s of system
+    time cold, 0.1 s right after deleting a file of that size). Without this, a sample's
+    time depended on how long ago the memory it wrote into was freed, not on the tool."""
+    block = bytes(MiB)
+
+    def settle() -> None:
+        os.sync()
+        path = where / ".settle-io"
+        try:
+            with open(path, "wb") as f:
+                for _ in range(mib):
+                    f.write(block)
+        finally:
+            path.unlink(missing_ok=True)
+    return settle
+
+
 @contextlib.contextmanager
 def stopwatch() -> Iterator[list[float]]:
     box: list[float] = []
