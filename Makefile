@@ -3,10 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 REGISTRY ?= 127.0.0.1:5000/flightvm/base
 
-.PHONY: host demo test unit integration faults lint type bench clean-venv
+.PHONY: host registry-prune demo test unit integration faults lint type bench clean-venv
 
 host:
 	@./scripts/host-setup.sh
+
+# Restart the local registry now, dropping what test/bench/demo runs pushed (make host
+# also does this whenever it has to start the registry).
+registry-prune:
+	@PRUNE_REGISTRY=1 ./scripts/host-setup.sh
 
 demo: host
 	@$(PY) scripts/demo.py --registry $(REGISTRY)

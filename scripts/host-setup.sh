@@ -2,7 +2,8 @@
 # Idempotent host setup for pytest-flightvm (Debian 12, no systemd).
 #   - installs the Debian packages from HOST-NOTES
 #   - starts virtlogd and libvirtd when they are not running
-#   - starts a local CNCF registry on 127.0.0.1:5000 when none answers there
+#   - starts a local CNCF registry on 127.0.0.1:5000 when none answers there, first
+#     pruning what earlier test/bench/demo runs pushed to it
 #   - creates .venv and installs the project editable with test extras
 # Prints what it did and what was already in place; a second run changes nothing.
 set -euo pipefail
@@ -63,6 +64,39 @@ else
 fi
 
 # 3. local OCI registry (Debian's docker-registry) on loopback
+
+# What test, fault, bench and demo runs push goes to throwaway repositories (by name;
+# the project's base and the bench's reused copies stay). While the registry is down,
+# drop those and garbage-collect their blobs, so repeated runs do not fill the disk
+# (~0.5 GiB per `make test`). garbage-collect must not run beside a serving registry.
+prune_registry() {
+  local repos="$REGISTRY_DIR/data/docker/registry/v2/repositories" before after
+  [ -d "$repos" ] || return 0
+  before=$(du -sm "$REGISTRY_DIR/data" | cut -f1)
+  rm -rf "$repos/flightvm-test" "$repos/flightvm-faults" "$repos"/flightvm/base-demo-*
+  if [ -d "$repos/flightvm-bench" ]; then
+    find "$repos/flightvm-bench" -mindepth 1 -maxdepth 1 ! -name base ! -name podman-seed \
+      -exec rm -rf {} +
+  fi
+  if /usr/bin/docker-registry garbage-collect --delete-untagged "$REGISTRY_DIR/config.yml" \
+      >"$REGISTRY_DIR/gc.log" 2>&1; then
+    after=$(du -sm "$REGISTRY_DIR/data" | cut -f1)
+    say "registry: pruned test/bench/demo pushes, $((before - after)) MiB freed (${after} MiB kept)"
+  else
+    say "registry: garbage-collect failed (see $REGISTRY_DIR/gc.log); starting anyway"
+  fi
+}
+
+# PRUNE_REGISTRY=1 (`make registry-prune`): stop the registry this script started (by the
+# pid it recorded, and only if that pid is still docker-registry), so it is pruned now.
+if [ "${PRUNE_REGISTRY:-}" = 1 ] && [ -f "$REGISTRY_DIR/registry.pid" ]; then
+  pid=$(cat "$REGISTRY_DIR/registry.pid")
+  if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = docker-registry ]; then
+    kill "$pid"
+    for _ in $(seq 1 50); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+    say "registry: stopped pid $pid to prune it"
+  fi
+fi
 if curl -fsS -m 2 "http://$REGISTRY_ADDR/v2/" >/dev/null 2>&1; then
   say "registry: already answering on $REGISTRY_ADDR"
 else
@@ -79,6 +113,7 @@ storage:
 http:
   addr: $REGISTRY_ADDR
 YML
+  prune_registry
   setsid /usr/bin/docker-registry serve "$REGISTRY_DIR/config.yml" >"$REGISTRY_DIR/registry.log" 2>&1 < /dev/null &
   echo $! > "$REGISTRY_DIR/registry.pid"
   for _ in $(seq 1 50); do curl -fsS -m 1 "http://$REGISTRY_ADDR/v2/" >/dev/null 2>&1 && break; sleep 0.2; done
