@@ -13,9 +13,9 @@ import inspect
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 
@@ -33,6 +33,7 @@ _settings_key = pytest.StashKey[Settings]()
 _run_key = pytest.StashKey[RunContext]()
 _used_vms_key = pytest.StashKey[list[Machine]]()
 _state_key = pytest.StashKey[dict[str, Any]]()
+_console_out_key = pytest.StashKey[TextIO]()
 
 
 # ----------------------------------------------------------------- options
@@ -59,6 +60,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hooks)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None, None, None]:
+    """Keep a copy of stderr from before pytest's capture takes fd 2 (this wrapper runs
+    outside the capture plugin's): --flightvm-console streams guest consoles there, live,
+    from a thread, while the tests' own output stays captured."""
+    with contextlib.suppress(OSError):
+        early_config.stash[_console_out_key] = os.fdopen(os.dup(2), "w", buffering=1,
+                                                         errors="replace")
+    yield
 
 
 def _settings_from(config: pytest.Config) -> Settings:
@@ -247,7 +259,8 @@ def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
 
     with _one_line_errors():
         factory = VMFactory(flightvm_settings, Path(flightvm_image.path), flightvm_run,
-                            user_data_hook=user_data_hook, notice=emit)
+                            user_data_hook=user_data_hook, notice=emit,
+                            console_out=pytestconfig.stash.get(_console_out_key, None))
     yield factory
     factory.close()
     write_worker_metrics(flightvm_run, flightvm_image, factory,
@@ -456,3 +469,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         settings.metrics.parent.mkdir(parents=True, exist_ok=True)
         settings.metrics.write_text(json.dumps(summary, indent=2, default=str))
         tr.write_line(f"metrics written to {settings.metrics}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    out = config.stash.get(_console_out_key, None)
+    if out is not None:
+        with contextlib.suppress(OSError):
+            out.close()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import secrets
 import shutil
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..config import Settings
 from ..errors import BootError, ConfigError
@@ -85,8 +86,12 @@ class VMFactory:
         *,
         user_data_hook: UserDataHook | None = None,
         notice: Callable[[str], None] = log.warning,
+        console_out: TextIO | None = None,
     ) -> None:
         self.settings = settings
+        # --flightvm-console: where guest consoles stream live (the plugin hands over a
+        # copy of the terminal's stderr taken before pytest's capture)
+        self.console_out = (console_out or sys.__stderr__) if settings.console else None
         self.base_image = base_image
         self.run = run
         self.user_data_hook = user_data_hook
@@ -150,7 +155,7 @@ class VMFactory:
             self.conn, spec, SSHClient(port, self.key_path, USERNAME),
             base=self.base_image, vm_dir=vm_dir,
             boot_timeout=accel_mod.timeout_for(accel, self.settings.boot_timeout),
-            ready_checks=request.ready_checks, stream_console=self.settings.console,
+            ready_checks=request.ready_checks, console_out=self.console_out,
         )
         machine.kvm_probation = probation
         self.machines.append(machine)

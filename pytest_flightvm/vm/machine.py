@@ -6,6 +6,7 @@ console log) under ``vm_dir`` and removes them in ``destroy``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import shutil
@@ -14,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..errors import BootError, FlightVMError, GuestCommandError, LibvirtError
 from .accel import KVM_PROGRESS_SECONDS
@@ -72,7 +73,7 @@ class Machine:
         vm_dir: Path,
         boot_timeout: float,
         ready_checks: tuple[ReadyCheck, ...] = (),
-        stream_console: bool = False,
+        console_out: TextIO | None = None,
     ) -> None:
         self.conn = conn
         self.spec = spec
@@ -81,7 +82,7 @@ class Machine:
         self.vm_dir = vm_dir
         self.boot_timeout = boot_timeout
         self.ready_checks = ready_checks
-        self.stream_console = stream_console
+        self.console_out = console_out  # where the console streams live, if anywhere
         self.dom: Any = None
         self.boot_seconds: float | None = None
         self.revert_seconds: list[float] = []
@@ -136,8 +137,8 @@ class Machine:
             if self.kvm_probation:
                 raise KVMUnusable(f"KVM refused to start a guest: {error_text(exc)}") from None
             raise LibvirtError(f"libvirt could not start {self.name}: {error_text(exc)}") from None
-        if self.stream_console:
-            self._start_streaming()
+        if self.console_out is not None:
+            self._start_streaming(self.console_out)
         self.boot_seconds = self.wait_ready(watcher=watcher)
         return self.boot_seconds
 
@@ -229,6 +230,8 @@ class Machine:
         import libvirt
 
         self._stop_stream.set()
+        if self._streamer is not None:
+            self._streamer.join(timeout=5)  # it prints the console's tail before files go
         self.ssh.cleanup()
         if self.dom is not None:
             for op in ("destroy", "undefine"):
@@ -269,26 +272,37 @@ class Machine:
             time.sleep(interval)
 
     # ---------------------------------------------------------- live console
-    def _start_streaming(self) -> None:
-        import sys
-
-        def follow() -> None:
-            pos = 0
-            while not self._stop_stream.is_set():
-                try:
-                    with open(self.spec.console_log, "rb") as f:
-                        f.seek(pos)
-                        chunk = f.read()
-                except OSError:
-                    chunk = b""
-                if chunk:
-                    pos += len(chunk)
-                    # the process's real stderr: pytest's capture must not swallow it
-                    out = sys.__stderr__ or sys.stderr
-                    for line in chunk.decode(errors="replace").splitlines():
-                        out.write(f"[{self.name}] {line}\n")
-                    out.flush()
-                self._stop_stream.wait(0.5)
-
-        self._streamer = threading.Thread(target=follow, name=f"console-{self.name}", daemon=True)
+    def _start_streaming(self, out: TextIO) -> None:
+        self._streamer = threading.Thread(
+            target=follow_console, args=(self.spec.console_log, self.name, out, self._stop_stream),
+            name=f"console-{self.name}", daemon=True)
         self._streamer.start()
+
+
+def follow_console(path: Path, name: str, out: TextIO, stop: threading.Event,
+                   interval: float = 0.5) -> None:
+    """Copy the console log at ``path`` to ``out`` as it grows, each line as ``[name] line``,
+    until ``stop`` is set; then one last read, so the tail is never lost."""
+    pos, carry = 0, b""
+    while True:
+        stopping = stop.is_set()
+        try:
+            with open(path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+        except OSError:
+            chunk = b""
+        pos += len(chunk)
+        *whole, carry = (carry + chunk).split(b"\n")  # a line cut by a read waits for its end
+        if stopping and carry.strip():
+            whole.append(carry)
+        # a bare CR (firmware, GRUB) would let the next text overwrite the prefix
+        parts = [p for line in whole for p in line.split(b"\r") if p.strip()]
+        if parts:
+            with contextlib.suppress(OSError, ValueError):  # a closed terminal
+                for part in parts:
+                    out.write(f"[{name}] {part.decode(errors='replace').rstrip()}\n")
+                out.flush()
+        if stopping:
+            return
+        stop.wait(interval)

@@ -1,4 +1,5 @@
-"""VM lifecycle on real libvirt: console in failure reports only, keep-on-failure
+"""VM lifecycle on real libvirt: console in failure reports only (and streamed live
+with DEBUG_VM_CONSOLE=1), keep-on-failure
 leaves a reachable VM that `flightvm gc --name` removes, the factory boots
 VMs of different sizes, and the VM API (put/get) works."""
 
@@ -54,7 +55,8 @@ def test_factory_sizes(flightvm_factory):
 
 def test_report_keep_and_factory(vm_suite) -> None:
     Path("test_lifecycle_suite.py").write_text(SUITE)
-    result, metrics = vm_suite.run("-v", "-rA", "--flightvm-keep=on-failure")
+    result, metrics = vm_suite.run("-v", "-rA", "--flightvm-keep=on-failure",
+                                   DEBUG_VM_CONSOLE="1")
     result.assert_outcomes(passed=3, failed=1)
     out = result.stdout.str()
 
@@ -88,3 +90,14 @@ def test_report_keep_and_factory(vm_suite) -> None:
     assert (768, 1) in sizes and (1536, 2) in sizes
     assert (1024, 2) in sizes  # the marker's VM: default memory, vcpus=2
     assert not any(n.startswith("flightvm-" + metrics["run_id"]) for n in names)
+
+    # DEBUG_VM_CONSOLE=1 (--flightvm-console) streamed every VM's console live to the
+    # real stderr, past pytest's capture (the console is in no passing test's report),
+    # each line tagged with its VM's name, from the kernel's first line to cloud-init's.
+    err = result.stderr.str()
+    booted = {vm["name"] for vm in metrics["vms"]}
+    assert len(booted) == 4
+    for marker in (r"\[ +0\.0+\] Linux version", r"Cloud-init v\. \S+ finished"):
+        streamed = set(re.findall(rf"^\[(\S+)\] .*{marker}", err, re.M))
+        assert streamed == booted, (marker, err[-2000:])
+    assert not re.search(r"^\[flightvm-\S+\] ", out, re.M)  # never in a captured section
