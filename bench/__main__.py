@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         source_repo=args.source_repo or f"{args.registry}/flightvm/base",
         base_repo=f"{args.registry}/flightvm-bench/base",
         work=work,
-        reps=args.reps or (2 if quick else 4),
-        vm_reps=args.vm_reps or (1 if quick else 2),
+        reps=args.reps or (2 if quick else 3),
+        vm_reps=args.vm_reps or 1,  # P5 also has the ten reboot-suite boots (n=10)
         reset_tests=args.reset_tests or (3 if quick else 10),
         quick=quick,
         run_id=run_id,
