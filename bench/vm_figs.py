@@ -239,9 +239,11 @@ def _p5(hands: list[float], suites: dict[str, dict[str, Any]]) -> Figure:
         fig.notes.append(f"with the default --flightvm-reset snapshot the first request also "
                          f"takes the pristine snapshot: {first:.1f} s")
         fig.data["snapshot_mode_first_ready_s"] = first
+    where = ("hand-run boots are interleaved with the two suites" if len(hands) > 1
+             else "the hand-run boot runs just before the two suites")
     fig.notes.append("fixture samples: every test of the reboot-reset suite of P6 (each one "
-                     "destroys the previous VM, renders a seed, makes an overlay and boots); "
-                     "hand-run boots are interleaved with the two suites")
+                     f"destroys the previous VM, renders a seed, makes an overlay and boots); "
+                     f"{where}")
     fig.bars = [Bar("flightvm fixture", fixture), Bar("hand-run virsh", hand, True)]
     return fig
 
