@@ -14,10 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_flightvm.cache.build import builder_for
-from pytest_flightvm.cache.key import compute_key
 from pytest_flightvm.cache.registry import FlightRegistry
-from pytest_flightvm.cache.resolve import push_file, resolve_image
+from pytest_flightvm.cache.resolve import current_key, push_file, resolve_image
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.config import Settings, resolve
 
@@ -55,10 +53,8 @@ def project_settings(ctx: Ctx) -> Settings:
 def project_base_is_stored(ctx: Ctx) -> bool:
     """Is the project's base (its current key) in the default local store?"""
     settings = project_settings(ctx)
-    key = compute_key(builder_for(settings.build_cmd, settings.rootdir).identity,
-                      settings.build_inputs, settings.rootdir, settings.arch)
     store = Store(settings.store_dir)
-    info = store.ref_info(f"key/{key.digest}")
+    info = store.ref_info(f"key/{current_key(settings).digest}")
     return info is not None and store.has(info["digest"])
 
 

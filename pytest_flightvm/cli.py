@@ -166,12 +166,9 @@ def _cache(args: argparse.Namespace, settings: Settings) -> int:
     if verb == "ls":
         import json
 
-        from .cache.build import builder_for
-        from .cache.key import compute_key
         from .cache.store import Store
 
-        key = compute_key(builder_for(settings.build_cmd, settings.rootdir).identity,
-                          settings.build_inputs, settings.rootdir, settings.arch)
+        key = r.current_key(settings)
         print(f"current key: {key.digest}")
         print(f"  made from: {json.dumps(key.parts, sort_keys=True)}")
         entries, tags = r.list_images(settings)

@@ -179,11 +179,17 @@ def _registry(settings: Settings, repository: str | None = None) -> FlightRegist
     return FlightRegistry(repo, plain_http=settings.plain_http)
 
 
+def current_key(settings: Settings, builder: Builder | None = None) -> CacheKey:
+    """The cache key the settings resolve under (builder identity, inputs, arch)."""
+    builder = builder or builder_for(settings.build_cmd, settings.rootdir)
+    return compute_key(builder.identity, settings.build_inputs, settings.rootdir, settings.arch)
+
+
 def _resolve_key(
     settings: Settings, store: Store, builder: Builder | None, log: Log, start: float, run: str
 ) -> ResolvedImage:
     builder = builder or builder_for(settings.build_cmd, settings.rootdir)
-    key = compute_key(builder.identity, settings.build_inputs, settings.rootdir, settings.arch)
+    key = current_key(settings, builder)
     tags = tuple(tags_for(settings.tag_prefix, key, settings.arch, settings.rootdir))
     ref_name = f"key/{key.digest}"
 
@@ -406,7 +412,7 @@ def cache_image(
     builder = builder or builder_for(settings.build_cmd, settings.rootdir)
     start = time.monotonic()
     store = Store(settings.store_dir)
-    key = compute_key(builder.identity, settings.build_inputs, settings.rootdir, settings.arch)
+    key = current_key(settings, builder)
     tags = tuple(tags_for(settings.tag_prefix, key, settings.arch, settings.rootdir))
     if file is not None:
         try:

@@ -189,10 +189,9 @@ class BlobWriter:
         self.bytes += len(chunk)
         return len(chunk)
 
-    def _io_error(self, exc: BaseException) -> CacheError:
-        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+    def _io_error(self, exc: OSError) -> CacheError:
         return StoreUnusable(
-            f"cannot write to the image store at {self.store.root} ({reason}); "
+            f"cannot write to the image store at {self.store.root} ({exc.strerror}); "
             "free space there or set --flightvm-cache-dir"
         )
 

@@ -99,19 +99,27 @@ def test_wrong_credentials_one_line_no_secret(
         assert base64.b64encode(f"{USER}:{SECRET}-wrong".encode()).decode() not in text
 
 
+def round_trip_with_env_creds(repo: str, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> FlightRegistry:
+    """User and password from the env; push with one client, pull with a fresh one (its
+    own challenge): the pulled blob is the pushed file. Returns the pushing client."""
+    monkeypatch.setenv("FLIGHTVM_REGISTRY_USER", USER)
+    monkeypatch.setenv("FLIGHTVM_REGISTRY_PASSWORD", SECRET)
+    src = disk(tmp_path / "d")
+    reg = FlightRegistry(repo)
+    reg.push_disk(src, ["t"], arch="amd64")
+    store = Store(tmp_path / "s")
+    pulled = FlightRegistry(repo).pull_disk("t", store, arch="amd64")
+    assert store.blob_path(pulled.digest).read_bytes() == src.read_bytes()
+    return reg
+
+
 def test_right_credentials_from_env(auth_registry: OwnRegistry, no_ambient_creds: Path,
                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capfd: pytest.CaptureFixture[str],
                                     caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    monkeypatch.setenv("FLIGHTVM_REGISTRY_USER", USER)
-    monkeypatch.setenv("FLIGHTVM_REGISTRY_PASSWORD", SECRET)
-    src = disk(tmp_path / "d")
-    reg = FlightRegistry(auth_registry.repo())
-    reg.push_disk(src, ["t"], arch="amd64")
-    store = Store(tmp_path / "s")
-    pulled = reg.pull_disk("t", store, arch="amd64")
-    assert store.blob_path(pulled.digest).read_bytes() == src.read_bytes()
+    reg = round_trip_with_env_creds(auth_registry.repo(), tmp_path, monkeypatch)
     assert reg.tags() == ["t"]
     out, err = capfd.readouterr()
     assert SECRET not in out + err + caplog.text
@@ -155,14 +163,7 @@ def test_token_auth_with_user_and_password(token_registry: OwnRegistry, no_ambie
     """401 with a Bearer challenge -> Basic creds to the token service -> a scoped JWT."""
     assert token_registry.token is not None
     caplog.set_level(logging.DEBUG)
-    monkeypatch.setenv("FLIGHTVM_REGISTRY_USER", USER)
-    monkeypatch.setenv("FLIGHTVM_REGISTRY_PASSWORD", SECRET)
-    src = disk(tmp_path / "d")
-    reg = FlightRegistry(token_registry.repo())
-    reg.push_disk(src, ["t"], arch="amd64")
-    store = Store(tmp_path / "s")
-    pulled = FlightRegistry(token_registry.repo()).pull_disk("t", store, arch="amd64")
-    assert store.blob_path(pulled.digest).read_bytes() == src.read_bytes()
+    round_trip_with_env_creds(token_registry.repo(), tmp_path, monkeypatch)
     assert token_registry.token.issued >= 2  # one per client at least: tokens were used
     out, err = capfd.readouterr()
     assert SECRET not in out + err + caplog.text
