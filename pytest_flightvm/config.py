@@ -23,7 +23,10 @@ from .errors import ConfigError
 
 ACCELS = ("auto", "kvm", "tcg")
 KEEPS = ("never", "on-failure", "always")
-RESETS = ("snapshot", "reboot", "none")
+# snapshot: back to the pristine point by the fastest mechanism for the guest (today that is
+# a save/restore for every firmware, see vm/pristine.py); restore / internal force one of them.
+RESETS = ("snapshot", "restore", "internal", "reboot", "none")
+FIRMWARES = ("bios", "uefi", "uefi-secure", "uefi-secure-unenrolled")
 COMPRESSIONS = ("auto", "none", "zstd")
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
@@ -84,8 +87,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("vcpus", "guest vCPUs", "--flightvm-vcpus", "flightvm_vcpus", kind="int"),
     Option("boot_timeout", "seconds to wait for a ready guest (scaled under TCG)",
            "--flightvm-boot-timeout", "flightvm_boot_timeout", kind="float"),
-    Option("reset", "per-test reset: snapshot, reboot or none", "--flightvm-reset", "flightvm_reset",
-           ("FLIGHTVM_RESET",), kind="choice", choices=RESETS),
+    Option("reset", "per-test reset: snapshot (fastest mechanism), restore (save/restore), "
+           "internal (internal qcow2 snapshot, BIOS only), reboot or none",
+           "--flightvm-reset", "flightvm_reset", ("FLIGHTVM_RESET",), kind="choice", choices=RESETS),
+    Option("firmware", "guest firmware: bios, uefi, uefi-secure (Secure Boot, Microsoft keys enrolled) "
+           "or uefi-secure-unenrolled (Secure Boot-capable firmware with SMM, no keys: upstream "
+           "flightctl's setup)",
+           "--flightvm-firmware", "flightvm_firmware", ("FLIGHTVM_FIRMWARE",), kind="choice",
+           choices=FIRMWARES),
+    Option("tpm", "give each VM a TPM 2.0 (swtpm)", "--flightvm-tpm", "flightvm_tpm", ("FLIGHTVM_TPM",),
+           kind="bool"),
+    Option("cpu", "guest CPU model, e.g. Haswell-noTSX-IBRS (default: QEMU's)", "--flightvm-cpu",
+           "flightvm_cpu", ("FLIGHTVM_CPU",)),
     Option("metrics", "write run metrics as JSON to this file", "--flightvm-metrics",
            "flightvm_metrics", ("FLIGHTVM_METRICS",), kind="path"),
 )
@@ -138,6 +151,9 @@ class Settings:
     vcpus: int = field(default_factory=default_vcpus)
     boot_timeout: float = 300.0
     reset: str = "snapshot"
+    firmware: str = "bios"
+    tpm: bool = False
+    cpu: str | None = None
     metrics: Path | None = None
     rootdir: Path = field(default_factory=Path.cwd)
     arch: str = field(default_factory=host_arch)

@@ -87,6 +87,14 @@ class BootError(FlightVMError):
     """A guest failed to become ready."""
 
 
+class KVMUnusable(BootError):
+    """KVM accepted the VM but the guest cannot run on it."""
+
+
+class ResetFailed(FlightVMError):
+    """A per-test reset (restore, snapshot revert) failed or hung; the pool boots afresh."""
+
+
 class GuestCommandError(FlightVMError):
     """A command run in the guest exited non-zero (``run(check=True)``)."""
 

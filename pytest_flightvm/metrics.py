@@ -29,6 +29,10 @@ def write_worker_metrics(run: RunContext, image: Any, factory: VMFactory,
             "vcpus": m.spec.vcpus,
             "boot_seconds": m.boot_seconds,
             "revert_seconds": list(m.revert_seconds),
+            "pristine_seconds": m.pristine_seconds,
+            "firmware": m.spec.firmware.name,
+            "tpm": m.spec.tpm,
+            "cpu": m.spec.cpu_model,
         }
         for m in factory.booted
     ]

@@ -457,11 +457,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
                       f"{boot:.1f}s{rev}" if boot is not None else f"vm {vm['name']}: not ready")
     resets = summary["resets"]
     if resets:
-        reverts = sorted(r["seconds"] for r in resets if r["mode"] == "snapshot" and r["ok"])
-        fallbacks = sum(1 for r in resets if r["mode"] == "snapshot" and not r["ok"])
+        reverts = sorted(r["seconds"] for r in resets if r["mode"] != "reboot" and r["ok"])
+        fallbacks = sum(1 for r in resets if r["mode"] != "reboot" and not r["ok"])
         reboots = sum(1 for r in resets if r["mode"] == "reboot")
+        kinds = "/".join(sorted({r["mode"] for r in resets if r["mode"] != "reboot"})) or "pristine"
         med = f", median {reverts[len(reverts) // 2]:.1f}s, max {reverts[-1]:.1f}s" if reverts else ""
-        tr.write_line(f"resets: {len(reverts)} snapshot revert(s){med}; {reboots} fresh boot(s)"
+        tr.write_line(f"resets: {len(reverts)} {kinds} reset(s){med}; {reboots} fresh boot(s)"
                       + (f"; {fallbacks} failed revert(s) replaced by a fresh boot" if fallbacks else ""))
     for kept in run.run_dir.glob("kept-*.txt"):
         tr.write_line(kept.read_text().rstrip())

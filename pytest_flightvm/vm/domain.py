@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+from .firmware import FIRMWARES, Firmware
+
 METADATA_NS = "https://flightvm.dev/xmlns/vm/1"
 METADATA_PREFIX = "flightvm"
 NAME_PREFIX = "flightvm-"
@@ -77,10 +79,39 @@ class DomainSpec:
     accel: str = "tcg"  # "kvm" or "tcg"
     emulator: str = "/usr/bin/qemu-system-x86_64"
     files: tuple[Path, ...] = field(default=())
+    firmware: Firmware = FIRMWARES["bios"]
+    nvram: Path | None = None  # this VM's copy of the UEFI variable store
+    tpm: bool = False
+    cpu_model: str | None = None
+
+    def _os_xml(self) -> str:
+        fw = self.firmware
+        if not fw.uefi:
+            return "<os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>"
+        secure = "yes" if fw.secure else "no"
+        nvram = f"<nvram>{escape(str(self.nvram))}</nvram>" if self.nvram is not None else ""
+        return (f"<os><type arch='x86_64' machine='q35'>hvm</type>"
+                f"<loader readonly='yes' secure='{secure}' type='pflash'>{escape(str(fw.code))}</loader>"
+                f"{nvram}<boot dev='hd'/></os>")
+
+    def _cpu_xml(self) -> str:
+        if self.cpu_model == "max":
+            return "<cpu mode='maximum' check='none'/>"
+        if self.cpu_model == "host-model" or (self.cpu_model is None and self.accel == "kvm"):
+            return "<cpu mode='host-model'/>"
+        if self.cpu_model is None:
+            return ""
+        # check='none': under TCG QEMU lacks a few features of named models (Haswell: pcid,
+        # x2apic, ...) and boots with a warning; libvirt would refuse the model outright.
+        return (f"<cpu mode='custom' match='exact' check='none'>"
+                f"<model fallback='forbid'>{escape(self.cpu_model)}</model></cpu>")
 
     def to_xml(self) -> str:
         dom_type = "kvm" if self.accel == "kvm" else "qemu"
-        cpu = "<cpu mode='host-model'/>" if self.accel == "kvm" else ""
+        cpu = self._cpu_xml()
+        smm = "<smm state='on'/>" if self.firmware.secure else ""
+        tpm = ("<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
+               if self.tpm else "")
         seed = ""
         if self.seed_iso is not None:
             seed = f"""
@@ -97,6 +128,7 @@ class DomainSpec:
         nic = f"virtio-net-pci,netdev=fvmnet0,mac={self.mac},bus=pcie.0,addr=0x10,romfile="
         return f"""<domain type='{dom_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{escape(self.name)}</name>
+  <genid/>
   <metadata>
     <flightvm:vm xmlns:flightvm='{METADATA_NS}'>
       <flightvm:run-id>{escape(o.run_id)}</flightvm:run-id>
@@ -111,8 +143,8 @@ class DomainSpec:
   </metadata>
   <memory unit='MiB'>{self.memory_mib}</memory>
   <vcpu>{self.vcpus}</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
-  <features><acpi/><apic/></features>
+  {self._os_xml()}
+  <features><acpi/><apic/>{smm}</features>
   {cpu}
   <clock offset='utc'/>
   <on_poweroff>destroy</on_poweroff>
@@ -133,7 +165,7 @@ class DomainSpec:
     <channel type='unix'>
       <target type='virtio' name='org.qemu.guest_agent.0'/>
     </channel>
-    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>{tpm}
     <memballoon model='none'/>
   </devices>
   <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>

@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import Settings
-from ..errors import BootError, ConfigError
+from ..errors import BootError, ConfigError, KVMUnusable
 from ..seed.iso import write_iso
 from ..seed.render import SeedSpec, load_cloud_init_dir, render
 from . import accel as accel_mod
+from . import firmware as fw_mod
 from .domain import NAME_PREFIX, DomainSpec, Owner, random_mac
 from .libvirt_conn import connect
-from .machine import KVMUnusable, Machine, ReadyCheck
+from .machine import Machine, ReadyCheck
 from .ports import release_port, reserve_port
 from .reaper import KEPT_MARKER
 from .ssh import SSHClient, generate_keypair
@@ -101,6 +102,8 @@ class VMFactory:
         self._counter = 0
         self._lock = threading.Lock()
         self._conn: Any = None
+        self.firmware = fw_mod.firmware(settings.firmware)
+        self._hardware_checked = False
         self.key_path, self.public_key = generate_keypair(run.run_dir / "ssh")
 
     @property
@@ -123,6 +126,7 @@ class VMFactory:
         if len(name) > 63:
             raise ConfigError(f"VM name {name!r} is longer than 63 characters; pass a shorter name")
         accel, probation = accel_mod.initial_choice(self.settings.accel, self.settings.cache_dir)
+        self._check_hardware(accel)
         try:
             machine = self._boot(name, request, accel, probation)
         except KVMUnusable as exc:
@@ -134,6 +138,19 @@ class VMFactory:
             accel_mod.save_verdict(self.settings.cache_dir, "kvm", "a guest booted under KVM")
         return machine
 
+    def _check_hardware(self, accel: str) -> None:
+        """Firmware files, swtpm and the CPU model, once, before the first VM starts."""
+        if self._hardware_checked:
+            return
+        fw_mod.check_host(self.firmware, tpm=self.settings.tpm)
+        if self.settings.cpu:
+            usable = fw_mod.check_cpu(self.conn, self.settings.cpu, accel=accel,
+                                      emulator=DomainSpec.emulator)
+            if not usable:
+                log.info("flightvm: CPU model %s lacks a few features under %s; QEMU boots it "
+                         "with a warning", self.settings.cpu, accel)
+        self._hardware_checked = True
+
     def _boot(self, name: str, request: VMRequest, accel: str, probation: bool) -> Machine:
         vm_dir = self.run.run_dir / "vms" / name
         shutil.rmtree(vm_dir, ignore_errors=True)
@@ -144,12 +161,14 @@ class VMFactory:
         self._write_seed(name, mac, request, iso)
         overlay = vm_dir / "overlay.qcow2"
         console = vm_dir / "console.log"
+        nvram = fw_mod.new_nvram(self.firmware, vm_dir / "nvram.fd")
         spec = DomainSpec(
             name=name, overlay=overlay, seed_iso=iso, console_log=console, ssh_port=port,
             mac=mac, owner=Owner.current(self.run.run_id, self.run.worker, self.run.run_dir),
             memory_mib=request.memory or self.settings.memory,
             vcpus=request.vcpus or self.settings.vcpus, accel=accel,
-            files=(vm_dir,),
+            files=(vm_dir,), firmware=self.firmware, nvram=nvram, tpm=self.settings.tpm,
+            cpu_model=self.settings.cpu,
         )
         machine = Machine(
             self.conn, spec, SSHClient(port, self.key_path, USERNAME),

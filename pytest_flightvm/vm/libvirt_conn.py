@@ -45,3 +45,14 @@ def error_text(exc: BaseException) -> str:
     get = getattr(exc, "get_error_message", None)
     text = get() if callable(get) else None
     return (text or str(exc)).splitlines()[0] if (text or str(exc)) else type(exc).__name__
+
+
+def undefine(dom: Any) -> None:
+    """Undefine ``dom`` with everything libvirt keeps beside it: snapshot metadata, the
+    NVRAM file, swtpm's state dir (libvirt >= 8.9) and any managed save."""
+    import libvirt
+
+    flags = (libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+             | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+             | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_TPM", 0))
+    dom.undefineFlags(flags)

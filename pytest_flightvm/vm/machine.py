@@ -10,17 +10,17 @@ import contextlib
 import logging
 import shlex
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import BootError, FlightVMError, GuestCommandError, LibvirtError
+from ..errors import BootError, GuestCommandError, KVMUnusable, LibvirtError
 from .accel import KVM_PROGRESS_SECONDS
+from .disk import create_overlay
 from .domain import DomainSpec
-from .libvirt_conn import error_text
+from .libvirt_conn import error_text, undefine
 from .ready import (
     CLOUD_INIT_PROBE,
     ConsoleWatcher,
@@ -29,32 +29,13 @@ from .ready import (
     console_tail,
     wait_until_ready,
 )
-from .ssh import CommandResult, SSHClient, require_tool
+from .ssh import CommandResult, SSHClient
 
 log = logging.getLogger("flightvm")
 
 # libvirt virDomainState values
 _STATE_NAMES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
                 5: "shut off", 6: "crashed", 7: "suspended by guest power management"}
-
-
-def create_overlay(base: Path, overlay: Path) -> None:
-    """``qemu-img create -f qcow2 -F qcow2 -b BASE OVERLAY``: the base is never written."""
-    require_tool("qemu-img", "qemu-utils")
-    overlay.parent.mkdir(parents=True, exist_ok=True)
-    overlay.unlink(missing_ok=True)
-    proc = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)],
-        capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise FlightVMError(f"qemu-img could not create overlay {overlay}: "
-                            f"{proc.stderr.strip().splitlines()[-1:]}")
-    overlay.chmod(0o600)
-
-
-class KVMUnusable(BootError):
-    """KVM accepted the VM but the guest cannot run on it."""
 
 
 ReadyCheck = Callable[["Machine"], bool]
@@ -86,6 +67,7 @@ class Machine:
         self.dom: Any = None
         self.boot_seconds: float | None = None
         self.revert_seconds: list[float] = []
+        self.pristine_seconds: float | None = None  # making the pristine point (save/snapshot)
         self._streamer: threading.Thread | None = None
         self._stop_stream = threading.Event()
         self.failed = False
@@ -154,6 +136,12 @@ class Machine:
                 raise KVMUnusable(str(exc), detail=exc.detail) from None
             raise
 
+    def is_running(self) -> bool:
+        try:
+            return self.dom is not None and bool(self.dom.isActive())
+        except Exception:  # noqa: BLE001 - a vanished domain is not running
+            return False
+
     def _kvm_stalled(self, reason: str) -> bool:
         """Under KVM probation: did the guest die or stall rather than fail on its own?"""
         return "domain is" in reason or "vanished" in reason or "no progress" in reason
@@ -217,14 +205,6 @@ class Machine:
                 break
         return self.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
 
-    def revert(self) -> float:
-        """Revert to the pristine snapshot (taken by the pool) and wait for SSH."""
-        from .snapshot import revert
-
-        seconds = revert(self)
-        self.revert_seconds.append(seconds)
-        return seconds
-
     def destroy(self, *, remove_files: bool = True) -> None:
         """Stop and undefine the domain, then delete its overlay, seed and console."""
         import libvirt
@@ -239,7 +219,7 @@ class Machine:
                     if op == "destroy" and not self.dom.isActive():
                         continue
                     if op == "undefine":
-                        self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+                        undefine(self.dom)
                     else:
                         self.dom.destroy()
                 except libvirt.libvirtError as exc:

@@ -1,13 +1,20 @@
 """One reusable VM per worker, reset to a pristine state before each test.
 
 Reset modes:
-- ``snapshot`` (default): after the first boot, take an internal snapshot
-  with memory ("pristine"); before each later test revert to it. A revert
-  has a deadline; a failed or stuck revert falls back to a fresh overlay and
-  boot, with a warning. Where snapshots are unsupported the pool degrades to
-  ``reboot`` with one notice.
+- ``snapshot`` (default): return to the pristine point by the fastest mechanism
+  for the guest; today that is ``restore`` for every firmware (BIOS figures of
+  both side by side in docs/BENCHMARKS.md, P6).
+- ``restore``: after the first boot, save the VM (memory, frozen disk, NVRAM,
+  TPM; :mod:`pristine`) and restore that before each later test.
+- ``internal``: an internal qcow2 snapshot with memory, reverted per test
+  (:mod:`snapshot`); libvirt refuses it under UEFI, where the pool uses
+  ``restore`` with one notice.
 - ``reboot``: a fresh overlay and boot for every test.
 - ``none``: the VM and its state are shared.
+
+Every reset has a deadline; a failed or stuck one falls back to a fresh overlay
+and boot, with a warning. Where no pristine point can be made, the pool
+degrades to ``reboot`` with one notice.
 """
 
 from __future__ import annotations
@@ -20,11 +27,20 @@ from typing import Any
 from ..errors import FlightVMError
 from .factory import VMFactory, VMRequest
 from .machine import Machine
+from .pristine import Pristine, capture, restore
 from .snapshot import revert, take_snapshot
 
 log = logging.getLogger("flightvm")
 
 VMHook = Callable[[Machine], None]
+PRISTINE_MODES = ("snapshot", "restore", "internal")
+
+
+def mechanism(reset: str, machine: Machine) -> str:
+    """The mechanism behind a pristine-point reset mode, for this guest."""
+    if reset == "internal" and not machine.spec.firmware.uefi:
+        return "internal"
+    return "restore"
 
 
 class VMPool:
@@ -47,24 +63,40 @@ class VMPool:
         self.current: Machine | None = None
         self._key: tuple[Any, ...] | None = None
         self._dirty = False
-        self._has_snapshot = False
-        self._snapshots_unsupported = False
+        self._pristine: Pristine | str | None = None  # a Pristine, "internal", or none yet
+        self._unsupported: set[str] = set()
         self.resets: list[dict[str, Any]] = []
 
     def _boot(self, request: VMRequest, reset: str) -> Machine:
         machine = self.factory.create(request)
         self.on_ready(machine)
-        self.current, self._key, self._dirty, self._has_snapshot = machine, request.spec_key(), False, False
-        if reset == "snapshot" and not self._snapshots_unsupported:
-            self.before_snapshot(machine)
-            try:
+        self.current, self._key, self._dirty, self._pristine = machine, request.spec_key(), False, None
+        if reset not in PRISTINE_MODES:
+            return machine
+        how = mechanism(reset, machine)
+        if reset == "internal" and how != "internal" and "internal" not in self._unsupported:
+            self._unsupported.add("internal")
+            self.notice("flightvm: internal snapshots do not work with UEFI firmware (libvirt "
+                        "refuses them); resetting by save/restore instead")
+        if how in self._unsupported:
+            return machine
+        self.before_snapshot(machine)
+        try:
+            if how == "internal":
                 take_snapshot(machine)
-                self._has_snapshot = True
-            except FlightVMError as exc:
-                self._snapshots_unsupported = True
-                self.notice(f"flightvm: {exc}; resetting by fresh boot instead")
+                self._pristine = "internal"
             else:
-                self.after_revert(machine)
+                self._pristine, seconds = capture(machine)
+                machine.pristine_seconds = seconds
+        except FlightVMError as exc:
+            self._unsupported.add(how)
+            self.notice(f"flightvm: no pristine point for {machine.name} ({exc}); "
+                        "resetting by fresh boot instead")
+            if not machine.is_running():
+                self.drop()
+                return self._boot(request, "reboot")
+        else:
+            self.after_revert(machine)
         return machine
 
     def acquire(self, request: VMRequest, reset: str) -> Machine:
@@ -81,15 +113,20 @@ class VMPool:
         return machine
 
     def _reset(self, machine: Machine, request: VMRequest, reset: str) -> Machine:
-        if reset == "snapshot" and self._has_snapshot:
+        pristine = self._pristine
+        if reset in PRISTINE_MODES and pristine is not None:
+            mode = "internal" if pristine == "internal" else "restore"
             try:
-                seconds = revert(machine)
+                if isinstance(pristine, Pristine):
+                    seconds = restore(machine, pristine)
+                else:
+                    seconds = revert(machine)
             except FlightVMError as exc:
                 self.notice(f"flightvm: {exc}; replacing the VM with a fresh boot")
-                self.resets.append({"vm": machine.name, "mode": "snapshot", "ok": False})
+                self.resets.append({"vm": machine.name, "mode": mode, "ok": False})
             else:
                 machine.revert_seconds.append(seconds)
-                self.resets.append({"vm": machine.name, "mode": "snapshot", "ok": True,
+                self.resets.append({"vm": machine.name, "mode": mode, "ok": True,
                                     "seconds": seconds})
                 self.after_revert(machine)
                 return machine

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .domain import DomainInfo, parse_metadata, process_start
-from .libvirt_conn import connect, error_text
+from .libvirt_conn import connect, error_text, undefine
 
 KEPT_MARKER = "KEPT"
 RUN_FILE = "run.json"
@@ -109,7 +109,7 @@ def reap(
             try:
                 if dom.isActive():
                     dom.destroy()
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+                undefine(dom)
             except libvirt.libvirtError as exc:
                 log(f"gc: could not remove {name}: {error_text(exc)}")
                 continue

@@ -1,11 +1,12 @@
-"""Per-test reset on the real guest: pristine snapshot, revert, self-healing fallback.
+"""Per-test reset on the real guest: pristine point, reset, self-healing fallback.
 
-One pytest run in a subprocess, one worker, tests in order:
+For each mechanism (``restore``: save/restore, the default; ``internal``: an internal
+qcow2 snapshot), one pytest run in a subprocess, one worker, tests in order:
 a) dirties the guest: a file, a running process, a stopped service;
 b) sees none of it, checks the clock was corrected, then reboots the guest
    and dirties it again;
 c) sees a clean guest again (revert after a reboot) with the pristine boot;
-d) deletes the pristine snapshot behind the pool's back;
+d) deletes the pristine point (the snapshot, or the saved state) behind the pool's back;
 e) still gets a clean, working VM: the pool fell back to a fresh boot.
 """
 
@@ -87,8 +88,11 @@ def test_c_clean_after_reboot(flightvm):
     assert flightvm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() == recall()["boot_id"]
 
 
-def test_d_break_the_snapshot(flightvm):
-    flightvm.dom.snapshotLookupByName("pristine", 0).delete(0)
+def test_d_break_the_pristine_point(flightvm):
+    if os.environ["FLIGHTVM_RESET"] == "internal":
+        flightvm.dom.snapshotLookupByName("pristine", 0).delete(0)
+    else:
+        (flightvm.vm_dir / "pristine.state").unlink()
     dirty(flightvm)
 
 
@@ -98,15 +102,19 @@ def test_e_fresh_vm_after_failed_revert(flightvm):
 '''
 
 
-def test_snapshot_reset_between_tests(vm_suite, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["restore", "internal"])
+def test_reset_between_tests(vm_suite, tmp_path: Path, mode: str) -> None:
     Path("test_reset_suite.py").write_text(SUITE)
     state = tmp_path / "state.json"
-    result, metrics = vm_suite.run("-v", "-p", "no:randomly", "-s", RESET_STATE=str(state))
+    result, metrics = vm_suite.run("-v", "-p", "no:randomly", "-s", RESET_STATE=str(state),
+                                   FLIGHTVM_RESET=mode)
     result.assert_outcomes(passed=5)
-    # a -> b, b -> c, c -> d are reverts; d -> e is the failed revert that fell back.
+    # a -> b, b -> c, c -> d are resets; d -> e is the failed reset that fell back.
     notices = result.stdout.lines + result.stderr.lines
-    assert any("replacing the VM with a fresh boot" in line and "revert of flightvm-" in line
+    what = "revert" if mode == "internal" else "restore"
+    assert any("replacing the VM with a fresh boot" in line and f"{what} of flightvm-" in line
                for line in notices), "\n".join(notices[-30:])
+    assert {r["mode"] for r in metrics["resets"] if r["mode"] != "reboot"} == {mode}, metrics["resets"]
     reverts = metrics["revert_seconds"]
     assert len(reverts) == 3, metrics["vms"]
     assert all(0 < s < 60 for s in reverts)
