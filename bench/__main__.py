@@ -7,7 +7,7 @@
 
 Figures: P1 local hit, P2 cold pull (vs curl and the podman path), P3 push peak RSS,
 P4 transfers per run at -n 1/2/4, P5 fixture -> ready VM (vs hand-run virsh),
-P6 snapshot vs reboot reset, P7 cold build, Z zstd vs none.
+P6 reset per firmware and mechanism vs reboot reset, P7 cold build, Z zstd vs none.
 Needs the host set up by `make host` (libvirtd, registry on 127.0.0.1:5000, .venv).
 """
 
@@ -32,7 +32,7 @@ from .figure import Figure
 ALL = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "Z")
 TITLES = {"P1": "local-hit resolve", "P2": "cold pull", "P3": "push peak RSS",
           "P4": "image transfers per run", "P5": "fixture request → ready VM",
-          "P6": "snapshot vs reboot reset", "P7": "cold build", "Z": "zstd vs none"}
+          "P6": "reset per firmware vs reboot reset", "P7": "cold build", "Z": "zstd vs none"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

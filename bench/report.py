@@ -85,8 +85,9 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         boot = p5.data["fixture_ready_s"]["median"]
         hand, tests = meta["reps"]["hand_boots"], meta["reps"]["reset_tests"]
         out[-1] += (f" A VM boot took a median of {boot:.0f} s in this run (HOST-NOTES measured "
-                    f"about 50 s on an idle machine); the {hand + 1 + tests} boots of P5+P6 "
-                    f"({hand} hand-run, 1 for the snapshot suite, {tests} for the reboot suite) "
+                    f"about 50 s on an idle machine); the {hand + 5 + tests} boots of P5+P6 "
+                    f"({hand} hand-run, 1 for each of the 5 pristine-point suites, {tests} for "
+                    "the reboot suite) "
                     "dominate the wall time.")
     if chart:
         out += ["", f"![benchmark chart: medians with min–max bars]({chart})", ""]
@@ -128,10 +129,14 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         "until it says done (what hand-written scripts poll; the plugin reads cloud-init's "
         "status files over one shared SSH connection instead).",
         "- **P6** the same suite of tests that each dirty the guest (20 MiB on disk, 20 MiB "
-        "in tmpfs, /etc/motd) under `--flightvm-reset snapshot` and `--flightvm-reset reboot`; "
-        "each test checks it got a clean guest. Revert seconds from the metrics JSON "
-        "(`revert_seconds`); reboot reset = request → ready of tests 2..N; suite time = wall "
-        "time of the pytest process.",
+        "in tmpfs, /etc/motd) under: the BIOS guest with `--flightvm-reset restore` "
+        "(save/restore) and `internal` (internal qcow2 snapshot), side by side; "
+        "`--flightvm-firmware uefi-secure`, without and with `--flightvm-tpm` (default reset); "
+        "`--flightvm-cpu Haswell-noTSX-IBRS` (its boot prices the CPU model in P5); and "
+        "`--flightvm-reset reboot` as the reference. Each test checks it got a clean guest. "
+        "Reset seconds from the metrics JSON (`revert_seconds`: request → SSH back, clock set); "
+        "reboot reset = request → ready of tests 2..N; suite time = wall time of the pytest "
+        "process.",
         "- **P7** `flightvm cache get --force` with an empty cache dir and "
         "`FLIGHTVM_OFFLINE=1`: the built-in Debian builder end to end (mmdebstrap from the "
         "Debian mirror, GRUB, `qemu-img convert`, import into the store).",
