@@ -101,6 +101,18 @@ def _disk(settings: Settings) -> Check:
                  f"free space (need {MIN_FREE_GIB} GiB) or pass --flightvm-cache-dir")
 
 
+def _firmware(settings: Settings) -> Check:
+    from .vm import firmware
+
+    try:
+        fw = firmware.firmware(settings.firmware)
+        firmware.check_host(fw, tpm=settings.tpm)
+    except FlightVMError as exc:
+        return Check("firmware", False, str(exc), "apt-get install ovmf swtpm swtpm-tools")
+    detail = fw.name if fw.code is None else f"{fw.name} ({fw.code.name}, {fw.vars_template})"
+    return Check("firmware", True, detail + (", TPM: swtpm" if settings.tpm else ""))
+
+
 def run_checks(settings: Settings) -> list[Check]:
     checks: list[Callable[[], Check]] = [
         lambda: _libvirt(settings),
@@ -108,6 +120,7 @@ def run_checks(settings: Settings) -> list[Check]:
         lambda: _tool("qemu-system-x86_64", "qemu-system-x86"),
         lambda: _tool("ssh", "openssh-client"),
         lambda: _image_dir(settings),
+        lambda: _firmware(settings),
         lambda: _accel(settings),
         lambda: _registry(settings),
         lambda: _disk(settings),

@@ -119,3 +119,11 @@ def test_the_pool_picks_restore_except_internal_on_bios() -> None:
     assert mechanism("restore", vm("bios")) == "restore"
     assert mechanism("internal", vm("bios")) == "internal"
     assert mechanism("internal", vm("uefi-secure")) == "restore"
+
+
+def test_doctor_names_the_firmware_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pytest_flightvm.doctor import _firmware
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no swtpm on PATH
+    check = _firmware(resolve({"tpm": True}, {}, {}))
+    assert not check.ok and "swtpm" in check.detail and "swtpm" in check.fix
