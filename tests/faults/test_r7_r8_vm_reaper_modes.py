@@ -8,8 +8,8 @@ then kill -9 of the pytest that owns it, and the reaper.
 3. R8 on A's running VM: seed ISO, overlay and SSH key 0600, base blob 0444;
    libvirt lists the base only as a backing store; QEMU holds it read-only
    (QMP ``query-named-block-nodes`` and the open file's flags in /proc);
-   ``qemu-img info --force-share`` on the overlay names the base as a qcow2
-   backing file.
+   ``qemu-img info --force-share --backing-chain`` on the overlay shows the
+   frozen pristine disk (0400, in the VM dir) and below it the base, both qcow2.
 4. R7: kill -9 A's process group. ``flightvm gc`` removes A's domain and
    files; B (owner alive) is untouched. Then kill -9 B, and the next pytest
    session's start removes B. The base is unchanged at the end.
@@ -210,13 +210,20 @@ def test_modes_then_kill_9_and_reap(real_base: dict[str, Any], tally: Tally,
             assert flags, "QEMU has no fd open on the base"
             assert all(f & os.O_ACCMODE == os.O_RDONLY for f in flags), [oct(f) for f in flags]
 
-        with tally.trial("R8", "qemu-img info --force-share: overlay backed by the base"):
-            info = json.loads(subprocess.run(
-                ["qemu-img", "info", "--force-share", "--output=json", overlay],
+        with tally.trial("R8", "qemu-img info --force-share: overlay -> frozen pristine -> base"):
+            # The default reset saved the VM at its pristine point: the overlay it booted on
+            # was frozen read-only in its VM dir, and the running overlay sits on top of it.
+            chain = json.loads(subprocess.run(
+                ["qemu-img", "info", "--force-share", "--backing-chain", "--output=json", overlay],
                 capture_output=True, text=True, check=True).stdout)
-            assert info["format"] == "qcow2"
-            assert info["backing-filename"] == base
-            assert info.get("backing-filename-format") == "qcow2"
+            assert [c["format"] for c in chain] == ["qcow2"] * 3, chain
+            top, frozen = chain[0], chain[1]
+            assert top.get("backing-filename-format") == "qcow2"
+            assert Path(top["backing-filename"]).parent == Path(overlay).parent
+            assert mode(top["backing-filename"]) == 0o400, "the frozen disk must be read-only"
+            assert frozen["backing-filename"] == base
+            assert frozen.get("backing-filename-format") == "qcow2"
+            assert chain[2].get("backing-filename") is None
 
         # -- R7 ------------------------------------------------------------------------------
         kill_group(a_proc)
