@@ -54,6 +54,17 @@ def check_owned_dir(path: Path, what: str = "cache dir") -> None:
                             "set --flightvm-cache-dir to a directory of your own")
 
 
+def ensure_cache_dir(path: Path) -> Path:
+    """Create the cache dir if needed, then :func:`check_owned_dir` it."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreUnusable(f"cannot create the cache dir {path} ({exc.strerror}); "
+                            "set --flightvm-cache-dir to a writable directory") from None
+    check_owned_dir(path)
+    return path
+
+
 def private_dir(path: Path, *, parents: bool = True) -> Path:
     """Create (or reuse) ``path`` as a 0700 directory of ours; never follow a link there.
 
