@@ -65,7 +65,7 @@ def ensure_cache_dir(path: Path) -> Path:
     return path
 
 
-def private_dir(path: Path, *, parents: bool = True) -> Path:
+def private_dir(path: Path, *, parents: bool = True, fix: str = "") -> Path:
     """Create (or reuse) ``path`` as a 0700 directory of ours; never follow a link there.
 
     With ``parents``, missing parents are created the ordinary way (they are the
@@ -80,14 +80,14 @@ def private_dir(path: Path, *, parents: bool = True) -> Path:
         fd = os.open(path, _NOFOLLOW_DIR)
     except OSError as exc:
         if os.path.islink(path):
-            raise _unusable(path, "it is a symbolic link, not a directory we made") from None
+            raise _unusable(path, "it is a symbolic link, not a directory we made", fix) from None
         raise StoreUnusable(f"cannot create the state dir {path} ({exc.strerror}); "
                             "set --flightvm-cache-dir to a writable directory") from None
     try:
         st = os.fstat(fd)
         if st.st_uid != os.geteuid():
             raise _unusable(path, f"it belongs to uid {st.st_uid}, not to you "
-                                  f"(uid {os.geteuid()})")
+                                  f"(uid {os.geteuid()})", fix)
         if st.st_mode & 0o077:
             os.fchmod(fd, 0o700)
     finally:
@@ -148,20 +148,28 @@ def _runtime_dir(env: Mapping[str, str]) -> Path | None:
 def user_state_dir(env: Mapping[str, str] | None = None) -> Path:
     """One private dir per user and host, the same whatever cache dir a run uses.
 
-    ``$XDG_RUNTIME_DIR/flightvm`` when that runtime dir is ours and 0700; else
-    ``$XDG_STATE_HOME/flightvm`` (``~/.local/state/flightvm``); else, with no
-    usable home, ``<tmp>/flightvm-<uid>``. Each is made by :func:`private_dir`,
-    so a planted link or a dir of another user is refused, never used.
+    The first that :func:`private_dir` accepts of: ``$XDG_RUNTIME_DIR/flightvm``
+    (when that runtime dir is ours and 0700), ``$XDG_STATE_HOME/flightvm``
+    (``~/.local/state/flightvm``), ``<tmp>/flightvm-<uid>``. A planted link or a
+    dir of another user is skipped, never used.
     """
     env = os.environ if env is None else env
+    candidates: list[tuple[Path, bool]] = []
     runtime = _runtime_dir(env)
     if runtime is not None:
-        return private_dir(runtime / "flightvm", parents=False)
+        candidates.append((runtime / "flightvm", False))
     state_home = env.get("XDG_STATE_HOME", "")
     if not os.path.isabs(state_home):
         home = env.get("HOME") or os.path.expanduser("~")
         state_home = os.path.join(home, ".local", "state") if os.path.isabs(home) else ""
     if state_home:
+        candidates.append((Path(state_home) / "flightvm", True))
+    candidates.append((Path(tempfile.gettempdir()) / f"flightvm-{os.geteuid()}", False))
+    # A candidate that is a link or not ours is skipped (every process skips it alike,
+    # so all still share one table); only when the last one fails is it an error.
+    for path, parents in candidates[:-1]:
         with contextlib.suppress(StoreUnusable):
-            return private_dir(Path(state_home) / "flightvm")
-    return private_dir(Path(tempfile.gettempdir()) / f"flightvm-{os.geteuid()}", parents=False)
+            return private_dir(path, parents=parents)
+    return private_dir(candidates[-1][0], parents=False,
+                       fix="remove it; flightvm keeps its per-user port table there "
+                           "(or set XDG_RUNTIME_DIR to a private dir of yours)")
