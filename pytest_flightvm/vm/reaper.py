@@ -170,7 +170,10 @@ def reap(
         for run_dir in sorted(runs_dir.iterdir()):
             if run_dir.is_symlink() or not run_dir.is_dir() or str(run_dir) in live_dirs:
                 continue
-            if not RUN_ID_RE.match(run_dir.name) or run_dir.stat().st_uid != os.geteuid():
+            try:  # only run dirs of ours, by name and by owner
+                if not RUN_ID_RE.match(run_dir.name) or run_dir.stat().st_uid != os.geteuid():
+                    continue
+            except OSError:
                 continue
             if any(str(d).startswith(str(run_dir) + os.sep) for d in live_dirs):
                 continue
