@@ -300,12 +300,11 @@ def test_sweep_removes_temp_files_of_dead_processes(store: Store) -> None:
 
 
 def test_sweep_leaves_other_pid_namespaces_and_fresh_legacy_names_alone(store: Store) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
+    gone = 2**22 + 1  # above Linux's largest pid_max: no process here has it
     # a dead pid here, but written in another pid namespace: that pid means nothing here
-    foreign = store.root / "tmp" / f"{proc.pid}-1-4026599999-abc.part"
+    foreign = store.root / "tmp" / f"{gone}-1-4026599999-abc.part"
     foreign.write_bytes(b"a live writer elsewhere")
-    legacy = store.root / "tmp" / f"{proc.pid}-def.part"  # the old <pid>-<rand> name
+    legacy = store.root / "tmp" / f"{gone}-def.part"  # the old <pid>-<rand> name
     legacy.write_bytes(b"recent")
     assert store.sweep_tmp() == 0
     assert foreign.exists() and legacy.exists()
