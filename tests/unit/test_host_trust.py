@@ -132,6 +132,7 @@ class _NoBoot(VMFactory):
     def __init__(self, run: RunContext) -> None:  # no settings, libvirt or key needed
         self.run = run
         self.booted_names: list[str] = []
+        self._hardware_checked = True  # no firmware or CPU check: nothing boots here
 
     def _boot(self, name: str, request: VMRequest, accel: str, probation: bool) -> Any:
         self.booted_names.append(name)
