@@ -108,6 +108,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "seed":
         return _seed_render(args)
     settings = settings_from_args(args)
+    if args.verb in ("cache", "gc"):
+        from .statedir import ensure_cache_dir
+
+        ensure_cache_dir(settings.cache_dir)  # another user's cache dir: one line, exit 2
     if args.verb == "cache":
         return _cache(args, settings)
     if args.verb == "gc":
@@ -224,7 +228,9 @@ def _seed_render(args: argparse.Namespace) -> int:
         else:
             from .vm.ssh import generate_keypair
 
-            private, key = generate_keypair(args.output.parent, args.output.name + ".id_ed25519")
+            # never reuse a key found there (someone may have planted it): a new one or none
+            private, key = generate_keypair(args.output.parent, args.output.name + ".id_ed25519",
+                                            reuse=False)
             _err(f"flightvm: no --ssh-key given; generated {private} (0600) for user flightvm")
         instance = args.instance_id or f"flightvm-{uuid.uuid4().hex[:12]}"
         files = render(SeedSpec(instance_id=instance, hostname=instance[:63],

@@ -206,17 +206,17 @@ def flightvm_settings(pytestconfig: pytest.Config) -> Settings:
 @pytest.fixture(scope="session")
 def flightvm_run(pytestconfig: pytest.Config, flightvm_settings: Settings) -> RunContext:
     """This run's id and directory (shared by all xdist workers of the run)."""
+    from .vm.factory import make_run_dir
     from .vm.reaper import write_run_file
 
     run = pytestconfig.stash[_run_key]
     problem = None
-    try:
-        run.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        problem = exc.strerror or str(exc)
+    try:  # private (0700, ours, no planted link), in a cache dir of ours
+        make_run_dir(flightvm_settings.runs_dir, run.run_id)
+    except FlightVMError as exc:
+        problem = exc
     if problem is not None:  # failed outside the except: no chained traceback in the report
-        _fail_setup(ConfigError(f"cache dir {flightvm_settings.cache_dir} is not writable "
-                                f"({problem}); pass --flightvm-cache-dir"))
+        _fail_setup(problem)
     if not (run.run_dir / "run.json").exists():
         # The run belongs to the controller: the reaper keeps it while that pid lives.
         owner = getattr(pytestconfig, "workerinput", {}).get(OWNER_KEY)

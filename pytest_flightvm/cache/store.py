@@ -6,7 +6,9 @@ Layout under ``settings.store_dir``::
     meta/sha256/<hex>.json   stat fingerprint recorded when the blob was last verified
     refs/<name>              JSON {"digest": "sha256:...", ...}: key/<hex>, tag/<tag>, ...
     locks/<name>.lock        one filelock per key (released by the kernel on kill -9)
-    tmp/<pid>-<rand>.part    in-flight writes; swept once their pid is gone
+    tmp/<pid>-<start>-<pidns>-<rand>.part
+                             in-flight writes; swept once the process that wrote
+                             them (pid, its start time, in our pid namespace) is gone
 
 A blob only appears under its final name after its sha256 was checked, so a
 half-written or unverified file is never mistaken for a hit. A hit is cheap:
@@ -45,6 +47,8 @@ from typing import Any, BinaryIO
 from filelock import FileLock
 
 from ..errors import CacheError, IntegrityError, StoreUnusable
+from ..procs import pid_namespace, process_start, same_process
+from ..statedir import check_owned_dir
 
 log = logging.getLogger("flightvm.cache.store")
 
@@ -87,6 +91,25 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+LEGACY_TMP_AGE = 3600.0
+
+
+def _writer_gone(path: Path) -> bool:
+    """Is the process that named temp file ``path`` provably gone (see ``sweep_tmp``)?"""
+    parts = path.name.split("-", 3)
+    if not parts[0].isdigit():
+        return False
+    pid = int(parts[0])
+    if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit():
+        return same_process(pid, parts[1], parts[2]) is False
+    if pid == os.getpid() or _pid_alive(pid):
+        return False
+    try:
+        return time.time() - path.lstat().st_mtime > LEGACY_TMP_AGE
+    except OSError:
+        return False
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -273,6 +296,13 @@ class Store:
                 f"cannot create the image store at {self.root} ({exc.strerror}); "
                 "set --flightvm-cache-dir to a writable directory"
             ) from None
+        # Another user's store (or a link planted inside ours) is refused in one line:
+        # we would otherwise sweep, lock and write through whatever it points at.
+        check_owned_dir(self.root, "image store")
+        for sub in ("blobs", "blobs/sha256", "meta", "meta/sha256", "refs", "locks", "tmp"):
+            if (self.root / sub).is_symlink():
+                raise StoreUnusable(f"refusing the image store at {self.root}: {sub} is a "
+                                    "symbolic link; remove it or set --flightvm-cache-dir")
 
     # -- paths -------------------------------------------------------------
 
@@ -290,7 +320,9 @@ class Store:
     def tmp_path(self, suffix: str = "") -> Path:
         """A fresh temp path inside the store (same filesystem as the blobs)."""
         self.sweep_tmp()
-        return self.root / "tmp" / f"{os.getpid()}-{secrets.token_hex(6)}{suffix}"
+        pid = os.getpid()
+        return self.root / "tmp" / (f"{pid}-{process_start(pid) or 0}-{pid_namespace() or 0}-"
+                                    f"{secrets.token_hex(6)}{suffix}")
 
     # -- blobs -------------------------------------------------------------
 
@@ -453,24 +485,29 @@ class Store:
         return FileLock(str(self.root / "locks" / f"{safe}.lock"))
 
     def sweep_tmp(self) -> int:
-        """Remove temp files left by processes that no longer exist."""
+        """Remove temp files left by processes that no longer exist.
+
+        A temp name carries its writer's pid, start time and pid namespace. It is
+        swept only when that namespace is ours and no process with that pid and
+        start time runs: a file of a live process in another namespace stays.
+        Names from before the start time was recorded (``<pid>-<rand>``) go once
+        their pid is gone *and* they were left alone for an hour.
+        """
         removed = 0
         with contextlib.suppress(OSError):
             for path in (self.root / "tmp").iterdir():
-                pid_text = path.name.split("-", 1)[0]
-                if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(
-                    int(pid_text)
-                ):
-                    if path.name.endswith(".pgid"):
-                        from .build import stop_orphaned_group
+                if not _writer_gone(path):
+                    continue
+                if path.name.endswith(".pgid"):
+                    from .build import stop_orphaned_group
 
-                        stop_orphaned_group(path)  # a builder that outlived its killed owner
-                    if path.is_dir():
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        with contextlib.suppress(OSError):
-                            path.unlink()
-                    removed += 1
+                    stop_orphaned_group(path)  # a builder that outlived its killed owner
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                removed += 1
         return removed
 
     def open_blob(self, digest: str) -> Iterator[bytes]:

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..statedir import private_dir, replace_file
+
 TCG_TIMEOUT_SCALE = 2.0
 KVM_PROGRESS_SECONDS = 30.0  # a KVM guest must print its kernel banner this fast
 
@@ -60,10 +62,8 @@ def save_verdict(cache_dir: Path, accel: str, reason: str) -> Verdict:
     qemu = qemu_version()
     verdict = Verdict(accel, reason, qemu, socket.gethostname(), time.time())
     path = verdict_path(cache_dir, qemu)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(verdict.__dict__))
-    os.replace(tmp, path)
+    private_dir(path.parent)  # 0700, ours; written through an O_EXCL temp, never a link
+    replace_file(path, json.dumps(verdict.__dict__).encode())
     return verdict
 
 

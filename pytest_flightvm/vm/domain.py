@@ -13,17 +13,31 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+from ..procs import pid_namespace, process_is_zombie, process_start
 from .firmware import FIRMWARES, Firmware
+
+__all__ = ["process_is_zombie", "process_start"]  # their old home; procs.py has them now
 
 METADATA_NS = "https://flightvm.dev/xmlns/vm/1"
 METADATA_PREFIX = "flightvm"
 NAME_PREFIX = "flightvm-"
+RUN_ID_RE = re.compile(r"^[0-9]{12}-[0-9a-f]{4}$")
+VM_NAME_RE = re.compile(r"^flightvm-[A-Za-z0-9][A-Za-z0-9_.-]{0,53}$")
+
+
+def vm_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a VM (domain and run-dir) name, or None when it can."""
+    if not VM_NAME_RE.match(name) or ".." in name:
+        return ("must be flightvm- followed by up to 54 letters, digits, '_', '.' or '-' "
+                "(no '/', no '..')")
+    return None
 
 
 @dataclass(frozen=True)
@@ -36,29 +50,13 @@ class Owner:
     host: str
     worker: str
     run_dir: str
+    pid_ns: str = ""  # inode of the owner's /proc/self/ns/pid: its pid means nothing elsewhere
 
     @classmethod
     def current(cls, run_id: str, worker: str, run_dir: Path) -> Owner:
         pid = os.getpid()
         return cls(run_id, pid, process_start(pid) or "", socket.gethostname(), worker,
-                   str(run_dir))
-
-
-def process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (field 22 of /proc/pid/stat), or None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def process_is_zombie(pid: int) -> bool:
-    """True if ``pid`` has exited but is not yet reaped (or is gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+                   str(run_dir), pid_namespace())
 
 
 def random_mac() -> str:
@@ -138,6 +136,7 @@ class DomainSpec:
       <flightvm:worker>{escape(o.worker)}</flightvm:worker>
       <flightvm:run-dir>{escape(o.run_dir)}</flightvm:run-dir>
       <flightvm:ssh-port>{self.ssh_port}</flightvm:ssh-port>
+      <flightvm:owner-pidns>{escape(o.pid_ns)}</flightvm:owner-pidns>
       {files}
     </flightvm:vm>
   </metadata>
@@ -190,6 +189,7 @@ class DomainInfo:
     host: str
     run_dir: str
     files: tuple[str, ...]
+    pid_ns: str = ""
 
 
 def parse_metadata(name: str, xml: str) -> DomainInfo | None:
@@ -214,4 +214,4 @@ def parse_metadata(name: str, xml: str) -> DomainInfo | None:
         return None
     files = tuple((el.text or "").strip() for el in vm.findall(f"{{{METADATA_NS}}}file"))
     return DomainInfo(name, text("run-id"), pid, text("owner-start"), text("owner-host"),
-                      text("run-dir"), files)
+                      text("run-dir"), files, text("owner-pidns"))

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import Settings
-from ..errors import BootError, ConfigError, KVMUnusable
+from ..errors import BootError, ConfigError, FlightVMError, KVMUnusable
 from ..seed.iso import write_iso
 from ..seed.render import SeedSpec, load_cloud_init_dir, render
+from ..statedir import ensure_cache_dir, private_dir
 from . import accel as accel_mod
 from . import firmware as fw_mod
-from .domain import NAME_PREFIX, DomainSpec, Owner, random_mac
+from .domain import NAME_PREFIX, DomainSpec, Owner, random_mac, vm_name_problem
 from .libvirt_conn import connect
 from .machine import Machine, ReadyCheck
 from .ports import release_port, reserve_port
@@ -53,9 +54,13 @@ class RunContext:
 
     @classmethod
     def create(cls, settings: Settings, run_id: str, worker: str) -> RunContext:
-        run_dir = settings.runs_dir / run_id
-        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return cls(run_id, run_dir, worker)
+        return cls(run_id, make_run_dir(settings.runs_dir, run_id), worker)
+
+
+def make_run_dir(runs_dir: Path, run_id: str) -> Path:
+    """``runs_dir/run_id``, both private (0700, ours, no planted links), the cache dir ours."""
+    ensure_cache_dir(runs_dir.parent)
+    return private_dir(private_dir(runs_dir, parents=False) / run_id, parents=False)
 
 
 @dataclass(frozen=True)
@@ -121,10 +126,13 @@ class VMFactory:
         """Boot a VM and wait until it is ready. Raises BootError with the console tail."""
         request = request or VMRequest()
         name = request.name or self._next_name()
-        if not name.startswith(NAME_PREFIX):
-            name = NAME_PREFIX + name
+        if not name.startswith(f"{NAME_PREFIX}{self.run.run_id}-"):
+            # the reaper knows a VM of ours by this prefix (see vm/reaper.py)
+            name = f"{NAME_PREFIX}{self.run.run_id}-{name.removeprefix(NAME_PREFIX)}"
         if len(name) > 63:
             raise ConfigError(f"VM name {name!r} is longer than 63 characters; pass a shorter name")
+        if (problem := vm_name_problem(name)) is not None:
+            raise ConfigError(f"VM name {name!r} {problem}; pass another name")
         accel, probation = accel_mod.initial_choice(self.settings.accel, self.settings.cache_dir)
         self._check_hardware(accel)
         try:
@@ -152,9 +160,13 @@ class VMFactory:
         self._hardware_checked = True
 
     def _boot(self, name: str, request: VMRequest, accel: str, probation: bool) -> Machine:
-        vm_dir = self.run.run_dir / "vms" / name
+        if (problem := vm_name_problem(name)) is not None:  # before any file is touched
+            raise ConfigError(f"VM name {name!r} {problem}; pass another name")
+        vm_dir = private_dir(self.run.run_dir / "vms") / name
+        if vm_dir.is_symlink():
+            vm_dir.unlink()  # never follow a link planted where a VM dir goes
         shutil.rmtree(vm_dir, ignore_errors=True)
-        vm_dir.mkdir(parents=True, mode=0o700)
+        private_dir(vm_dir, parents=False)
         port = reserve_port()
         mac = random_mac()
         iso = vm_dir / "seed.iso"
@@ -217,11 +229,10 @@ class VMFactory:
         write_iso(files, iso)
 
     def _keep_console(self, machine: Machine) -> None:
-        logs = self.run.run_dir / "consoles"
-        logs.mkdir(exist_ok=True)
         try:
+            logs = private_dir(self.run.run_dir / "consoles", parents=False)
             shutil.copy2(machine.spec.console_log, logs / f"{machine.name}.log")
-        except OSError:
+        except (OSError, FlightVMError):
             pass
 
     def discard(self, machine: Machine, *, port: int | None = None) -> None:

@@ -1,10 +1,19 @@
 """Remove what killed runs left behind: domains, overlays, seeds, run dirs.
 
 Every flightvm domain carries metadata naming its run, owning pid (with the
-pid's start time, so a recycled pid is not mistaken for the owner) and host.
-A domain is reaped only when its owner on *this* host is dead and it was not
-kept on purpose (``--flightvm-keep``; ``flightvm gc --name`` removes those).
-Domains without our metadata are never touched.
+pid's start time, so a recycled pid is not mistaken for the owner, and its pid
+namespace), and host. A domain is reaped only when it is *ours* and its owner
+is dead and it was not kept on purpose (``--flightvm-keep``; ``flightvm gc
+--name`` removes those). Ours means all of:
+
+- its name matches ``flightvm-<run-id>-...`` for the run its metadata names;
+- its run dir is ``<runs dir>/<run-id>`` and every file it names lies under
+  that run dir once resolved (a symlink that escapes disqualifies it);
+- its owner ran on this host, in our pid namespace (a pid from another
+  namespace means nothing here, so such a run is unknown and left alone).
+
+Anything else, with or without our metadata, is never touched. Run dirs are
+judged the same way by their ``run.json`` (pid, start time, pid namespace).
 """
 
 from __future__ import annotations
@@ -18,35 +27,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .domain import DomainInfo, parse_metadata, process_start
+from ..procs import pid_namespace, same_process
+from ..statedir import read_file, replace_file
+from .domain import RUN_ID_RE, DomainInfo, parse_metadata, process_start, vm_name_problem
 from .libvirt_conn import connect, error_text, undefine
 
 KEPT_MARKER = "KEPT"
 RUN_FILE = "run.json"
 
 
-def owner_is_alive(pid: int, pid_start: str, host: str) -> bool:
+def owner_is_alive(pid: int, pid_start: str, host: str, pid_ns: str) -> bool:
+    """False only when the owner provably ran here, in our pid namespace, and is gone.
+    Another host's or another namespace's run (or one that names no namespace)
+    is not ours to judge: it counts as alive."""
     if host and host != socket.gethostname():
-        return True  # another host's run: not ours to judge
-    start = process_start(pid)
-    return start is not None and (not pid_start or start == pid_start)
+        return True
+    return same_process(pid, pid_start, pid_ns) is not False
 
 
 def write_run_file(run_dir: Path, pid: int | None = None) -> None:
     """Mark ``run_dir`` as owned by ``pid`` (the pytest controller; default: this process)."""
     pid = pid or os.getpid()
-    data = {"pid": pid, "pid_start": process_start(pid) or "", "host": socket.gethostname()}
-    # One temp name per process: xdist workers may write the same run dir at once.
-    tmp = run_dir / f".{RUN_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, run_dir / RUN_FILE)
+    data = {"pid": pid, "pid_start": process_start(pid) or "", "host": socket.gethostname(),
+            "pid_ns": pid_namespace()}
+    # One O_EXCL temp name per write: xdist workers may write the same run dir at once.
+    replace_file(run_dir / RUN_FILE, json.dumps(data).encode())
 
 
 def run_dir_alive(run_dir: Path) -> bool:
     try:
-        data = json.loads((run_dir / RUN_FILE).read_text())
+        data = json.loads(read_file(run_dir / RUN_FILE))
         return owner_is_alive(int(data["pid"]), str(data.get("pid_start", "")),
-                              str(data.get("host", "")))
+                              str(data.get("host", "")), str(data.get("pid_ns", "")))
     except (OSError, ValueError, KeyError, TypeError):
         # no owner record: judge by age (a run dir being created right now is young)
         try:
@@ -66,6 +78,32 @@ class Reaped:
 
 def _is_kept(info: DomainInfo) -> bool:
     return any(Path(f, KEPT_MARKER).exists() for f in info.files)
+
+
+def _under(path: str, root: Path) -> bool:
+    """``path`` resolves to ``root`` or below it (symlinks followed, then compared)."""
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):
+        return False
+    return os.path.isabs(path) and resolved.is_relative_to(root)
+
+
+def foreign_reason(info: DomainInfo, runs_dir: Path) -> str | None:
+    """Why a domain carrying our metadata is still not ours to reap (None: it is ours)."""
+    if not RUN_ID_RE.match(info.run_id):
+        return f"run id {info.run_id!r} is not one of ours"
+    if vm_name_problem(info.name) or not info.name.startswith(f"flightvm-{info.run_id}-"):
+        return f"name {info.name!r} is not flightvm-{info.run_id}-..."
+    runs = runs_dir.resolve()
+    run_dir = runs / info.run_id
+    if not info.run_dir or not _under(info.run_dir, runs) or \
+            Path(info.run_dir).resolve() != run_dir:
+        return f"its run dir {info.run_dir!r} is not {run_dir}"
+    for f in info.files:
+        if not _under(f, run_dir) or Path(f).resolve() == run_dir:
+            return f"it names {f!r}, outside its run dir {run_dir}"
+    return None
 
 
 def reap(
@@ -94,7 +132,15 @@ def reap(
                 continue
             if info is None:
                 continue  # not ours
-            alive = owner_is_alive(info.pid, info.pid_start, info.host)
+            why = foreign_reason(info, runs_dir)
+            if why is not None:
+                if names and name in names:
+                    log(f"gc: leaving domain {name} alone: {why}")
+                live_dirs.update(info.files)  # never sweep a dir it may use
+                if info.run_dir:
+                    live_dirs.add(info.run_dir)
+                continue
+            alive = owner_is_alive(info.pid, info.pid_start, info.host, info.pid_ns)
             wanted = name in names if names else not _is_kept(info)
             if alive or not wanted:
                 live_dirs.update(info.files)
@@ -113,14 +159,21 @@ def reap(
             except libvirt.libvirtError as exc:
                 log(f"gc: could not remove {name}: {error_text(exc)}")
                 continue
+            run_dir = runs_dir.resolve() / info.run_id
             for f in info.files:
-                shutil.rmtree(f, ignore_errors=True)
+                if _under(f, run_dir):  # checked again right before it goes
+                    shutil.rmtree(f, ignore_errors=True)
     finally:
         if own_conn:
             conn.close()
-    if runs_dir.is_dir() and not names:
+    if runs_dir.is_dir() and not runs_dir.is_symlink() and not names:
         for run_dir in sorted(runs_dir.iterdir()):
-            if not run_dir.is_dir() or str(run_dir) in live_dirs:
+            if run_dir.is_symlink() or not run_dir.is_dir() or str(run_dir) in live_dirs:
+                continue
+            try:  # only run dirs of ours, by name and by owner
+                if not RUN_ID_RE.match(run_dir.name) or run_dir.stat().st_uid != os.geteuid():
+                    continue
+            except OSError:
                 continue
             if any(str(d).startswith(str(run_dir) + os.sep) for d in live_dirs):
                 continue

@@ -7,11 +7,14 @@ handshake. Keys are per run, generated with ``ssh-keygen`` and kept 0600.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,34 +40,74 @@ def require_tool(name: str, package: str) -> str:
     return path
 
 
-def generate_keypair(directory: Path, name: str = "id_ed25519") -> tuple[Path, str]:
-    """Create (or reuse) an ed25519 key pair in ``directory``; return (private key, public line).
+def generate_keypair(directory: Path, name: str = "id_ed25519", *,
+                     reuse: bool = True) -> tuple[Path, str]:
+    """Create (or, with ``reuse``, reuse) an ed25519 key pair; return (private key, public line).
 
-    Safe when several xdist workers of one run ask at once: one generates under a
-    lock, into temp names that are renamed into place, the others reuse it.
+    With ``reuse`` (a run's own ``ssh/`` dir) the directory is made private (0700,
+    ours, no planted link) and several xdist workers of one run may ask at once:
+    one generates under a lock, the others reuse its pair. Without ``reuse`` (a
+    directory the user named) an existing key file is an error, never reused.
+    Either way ssh-keygen writes into a fresh private temp dir and the key files
+    are created with O_EXCL | O_NOFOLLOW, 0600: nothing is written through a link.
     """
     from filelock import FileLock
 
+    from ..errors import ConfigError
+    from ..statedir import create_excl, private_dir, read_file
+
     require_tool("ssh-keygen", "openssh-client")
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = directory / name
     pub = directory / (name + ".pub")
+    if not reuse:
+        for f in (key, pub):
+            if os.path.lexists(f):
+                raise ConfigError(f"{f} already exists (a key we did not make now is never reused); "
+                                  "remove it, or pass --ssh-key with a public key of your own")
+        return _new_keypair(key, pub, create_excl, ConfigError)
+    private_dir(directory)
     with FileLock(str(directory / f".{name}.lock"), timeout=60):
-        if not (key.exists() and pub.exists()):
-            tmp = directory / f".{name}.{os.getpid()}"
-            for stale in (tmp, directory / (tmp.name + ".pub")):
-                stale.unlink(missing_ok=True)
-            proc = subprocess.run(
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "flightvm", "-f", str(tmp)],
-                capture_output=True, text=True,
-            )
-            if proc.returncode != 0:
-                raise FlightVMError(f"ssh-keygen failed in {directory}: "
-                                    f"{(proc.stderr.strip() or 'no output').splitlines()[-1]}")
-            tmp.chmod(0o600)
-            os.replace(directory / (tmp.name + ".pub"), pub)
-            os.replace(tmp, key)
-    return key, pub.read_text().strip()
+        try:
+            if _ours(key):
+                return key, read_file(pub).decode().strip()
+        except OSError:
+            pass
+        for f in (key, pub):  # a half-made pair, or a link where a key goes: start over
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+        return _new_keypair(key, pub, create_excl, FlightVMError)
+
+
+def _ours(key: Path) -> bool:
+    st = key.lstat()
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def _new_keypair(key: Path, pub: Path, create_excl: Callable[[Path, bytes], None],
+                 error: type[FlightVMError]) -> tuple[Path, str]:
+    with tempfile.TemporaryDirectory(prefix="fvm-key-") as tmp:  # 0700, a fresh name
+        out = Path(tmp) / "k"
+        proc = subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "flightvm", "-f", str(out)],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            raise error(f"ssh-keygen failed for {key}: "
+                        f"{(proc.stderr.strip() or 'no output').splitlines()[-1]}")
+        private, public = out.read_bytes(), out.with_suffix(".pub").read_bytes()
+    try:
+        create_excl(key, private)
+        try:
+            create_excl(pub, public)
+        except BaseException:
+            key.unlink()  # ours, just made: no half pair left behind
+            raise
+    except FileExistsError:
+        raise error(f"{key} appeared while a key was being generated; remove it and "
+                    "try again") from None
+    except OSError as exc:
+        raise error(f"cannot write the key {key} ({exc.strerror})") from None
+    return key, public.decode().strip()
 
 
 class SSHClient:

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -281,14 +282,36 @@ def test_garbage_ref_file_reads_as_missing(store: Store) -> None:
 
 
 def test_sweep_removes_temp_files_of_dead_processes(store: Store) -> None:
+    from pytest_flightvm.procs import pid_namespace, process_start
+
+    ns = pid_namespace()
+    mine = store.tmp_path(".part")
+    assert mine.name.startswith(f"{os.getpid()}-{process_start(os.getpid())}-{ns}-")
+    mine.write_bytes(b"in flight")
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    dead = store.root / "tmp" / f"{proc.pid}-abc.part"
+    dead = store.root / "tmp" / f"{proc.pid}-1-{ns}-abc.part"
     dead.write_bytes(b"half a blob")
-    mine = store.root / "tmp" / f"{os.getpid()}-def.part"
-    mine.write_bytes(b"in flight")
+    # our own pid, but another start time: a recycled pid, so its writer is gone
+    recycled = store.root / "tmp" / f"{os.getpid()}-1-{ns}-ghi.part"
+    recycled.write_bytes(b"old")
+    assert store.sweep_tmp() == 2
+    assert not dead.exists() and not recycled.exists() and mine.exists()
+
+
+def test_sweep_leaves_other_pid_namespaces_and_fresh_legacy_names_alone(store: Store) -> None:
+    gone = 2**22 + 1  # above Linux's largest pid_max: no process here has it
+    # a dead pid here, but written in another pid namespace: that pid means nothing here
+    foreign = store.root / "tmp" / f"{gone}-1-4026599999-abc.part"
+    foreign.write_bytes(b"a live writer elsewhere")
+    legacy = store.root / "tmp" / f"{gone}-def.part"  # the old <pid>-<rand> name
+    legacy.write_bytes(b"recent")
+    assert store.sweep_tmp() == 0
+    assert foreign.exists() and legacy.exists()
+    old = time.time() - 2 * 3600
+    os.utime(legacy, (old, old))
     assert store.sweep_tmp() == 1
-    assert not dead.exists() and mine.exists()
+    assert foreign.exists() and not legacy.exists()
 
 
 def test_lock_is_per_name(store: Store) -> None:

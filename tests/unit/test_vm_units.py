@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pytest_flightvm.errors import BootError
+from pytest_flightvm.procs import pid_namespace
 from pytest_flightvm.vm import accel
 from pytest_flightvm.vm.domain import DomainSpec, Owner, parse_metadata, process_start
 from pytest_flightvm.vm.ports import release_port, reserve_port
@@ -46,15 +47,22 @@ def test_metadata_round_trip(tmp_path: Path) -> None:
     info = parse_metadata(spec.name, spec.to_xml())
     assert info is not None
     assert (info.run_id, info.pid, info.files) == ("run1", os.getpid(), (str(tmp_path),))
-    assert owner_is_alive(info.pid, info.pid_start, info.host)
+    assert info.pid_ns == pid_namespace() != ""
+    assert owner_is_alive(info.pid, info.pid_start, info.host, info.pid_ns)
     assert parse_metadata("x", "<domain><name>x</name></domain>") is None
 
 
 def test_dead_and_recycled_pids_are_not_alive() -> None:
-    me = os.getpid()
-    assert not owner_is_alive(me, "0", "")  # same pid, other start time: recycled
-    assert not owner_is_alive(2**22 + 1, "", "")
-    assert owner_is_alive(me, process_start(me) or "", "")
+    me, ns = os.getpid(), pid_namespace()
+    assert not owner_is_alive(me, "0", "", ns)  # same pid, other start time: recycled
+    assert not owner_is_alive(2**22 + 1, "", "", ns)
+    assert owner_is_alive(me, process_start(me) or "", "", ns)
+
+
+def test_another_pid_namespace_is_never_judged_dead() -> None:
+    # a pid that does not exist here, recorded in another namespace (or in none): unknown
+    assert owner_is_alive(2**22 + 1, "", "", "4026599999")
+    assert owner_is_alive(2**22 + 1, "", "", "")
 
 
 def test_console_watcher_spots_failures_incrementally(tmp_path: Path) -> None:
