@@ -6,8 +6,9 @@ and the helpers below.
 
 from __future__ import annotations
 
-from .build import Builder, CommandBuilder, builder_for, check_qcow2, default_builder
+from .build import Builder, CommandBuilder, builder_for, default_builder
 from .key import CacheKey, compute_key, git_commit, git_short, tags_for, tree_is_clean
+from .qcow2 import check_qcow2
 from .reference import Reference
 from .resolve import (
     ResolvedImage,

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ..errors import BuildError, ConfigError
+from .qcow2 import check_qcow2
 
-QCOW2_MAGIC = b"QFI\xfb"
 Log = Callable[[str], None]
 
 
@@ -30,22 +30,6 @@ class Builder(Protocol):
     def identity(self) -> str: ...
 
     def build(self, output: Path, *, log: Log) -> None: ...
-
-
-def check_qcow2(path: Path, what: str = "the build") -> None:
-    """BuildError unless ``path`` exists and starts with the qcow2 magic."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except FileNotFoundError:
-        raise BuildError(f"{what} wrote no file at {path}") from None
-    except OSError as exc:
-        raise BuildError(f"cannot read the output of {what} at {path}: {exc.strerror}") from None
-    if magic != QCOW2_MAGIC:
-        raise BuildError(
-            f"{what} produced {path}, which is not a qcow2 (bad magic {magic!r}); "
-            "convert it with `qemu-img convert -O qcow2`"
-        )
 
 
 class CommandBuilder:

@@ -48,8 +48,9 @@ from ..errors import (
     RegistryUnavailable,
     StoreUnusable,
 )
-from .build import GROUP_SUFFIX, Builder, builder_for, check_qcow2
+from .build import GROUP_SUFFIX, Builder, builder_for
 from .key import CacheKey, compute_key, git_commit, tags_for
+from .qcow2 import check_qcow2
 from .reference import Reference, is_loopback
 
 if TYPE_CHECKING:  # the registry client costs ~0.2 s to import; a local hit never needs it

@@ -29,7 +29,8 @@ def emit(event: str) -> None:
 
 
 def observe(kinds: list[str]) -> None:
-    from pytest_flightvm.cache import build, registry, store
+    from pytest_flightvm.cache import build, store
+    from pytest_flightvm.cache.registry import transfer
 
     if "write" in kinds:
         real_write = store.BlobWriter.write
@@ -58,7 +59,7 @@ def observe(kinds: list[str]) -> None:
 
         store.Store.set_ref = set_ref  # type: ignore[method-assign]
     if "sent" in kinds:
-        real_chunks = registry._file_chunks
+        real_chunks = transfer.file_chunks
 
         def file_chunks(path: Path, progress: Any) -> Any:
             sent = 0
@@ -67,15 +68,15 @@ def observe(kinds: list[str]) -> None:
                 sent += len(chunk)
                 emit(f"sent {sent}")
 
-        registry._file_chunks = file_chunks
+        transfer.file_chunks = file_chunks
     if "manifest" in kinds:
-        real_put = registry.FlightRegistry.put_manifest
+        real_put = transfer.put_manifest
 
-        def put_manifest(self: Any, manifest: Any, tag: str) -> str:
+        def put_manifest(client: Any, manifest: Any, tag: str) -> str:
             emit("manifest")
-            return real_put(self, manifest, tag)
+            return real_put(client, manifest, tag)
 
-        registry.FlightRegistry.put_manifest = put_manifest  # type: ignore[method-assign]
+        transfer.put_manifest = put_manifest
     if "build" in kinds:
         real_build = build.CommandBuilder.build
 

@@ -78,16 +78,16 @@ def test_no_docker_config(tmp_path: Path) -> None:
 
 
 def test_progress_lines_only_for_long_transfers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_flightvm.cache import registry
+    from pytest_flightvm.cache.registry import streams
 
     now = [100.0]
-    monkeypatch.setattr(registry.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(streams.time, "monotonic", lambda: now[0])
     lines: list[str] = []
-    quick = registry._Progress("pulling", 10 << 20, lines.append)
+    quick = streams.Progress("pulling", 10 << 20, lines.append)
     quick.update(10 << 20)
     quick.finish()
     assert lines == []
-    slow = registry._Progress("pulling", 400 << 20, lines.append)
+    slow = streams.Progress("pulling", 400 << 20, lines.append)
     for _ in range(5):
         now[0] += 1.0
         slow.update(80 << 20)

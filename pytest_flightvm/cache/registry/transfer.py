@@ -1,0 +1,319 @@
+"""Streamed, verified blob transfer: push a qcow2 (plain or zstd) and pull a flightvm layer.
+
+Push streams the file (POST + one streamed PATCH + PUT ?digest=) and hashes it
+while sending, so memory stays at one chunk for any size. Pull streams to disk
+through the store's verifying writer, so nothing unverified is ever installed
+under a digest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from ...errors import ConfigError, FlightVMError, IntegrityError, RegistryError, ToolMissingError
+from ..store import Store
+from .client import FINALIZE_TIMEOUT, Client
+from .documents import (
+    ANN_ARCH,
+    ANN_CREATED,
+    ANN_CREATED_OCI,
+    ANN_DISK_DIGEST,
+    ANN_DISK_SIZE,
+    ANN_GIT,
+    ANN_KEY,
+    ANN_REVISION_OCI,
+    ANN_TITLE,
+    CONFIG_MEDIA_TYPE,
+    DISK_TITLE,
+    LAYER_MEDIA_TYPE,
+    LAYER_MEDIA_TYPE_ZSTD,
+    OCI_MANIFEST,
+    check_outgoing,
+)
+from .streams import CHUNK, HashingReader, Log, Progress, SizedBody, file_chunks, nolog
+
+
+@dataclass(frozen=True)
+class PushResult:
+    manifest_digest: str
+    bytes: int  # bytes sent (0 when the registry already had the blob)
+    seconds: float
+    tags: tuple[str, ...]
+
+
+# -- pull ------------------------------------------------------------------------------
+
+
+def pull_layer(client: Client, layer: Mapping[str, Any], store: Store,
+               log_fn: Log) -> tuple[str, int]:
+    """Pull a flightvm disk layer into ``store``; returns (store digest, wire bytes)."""
+    media_type = str(layer["mediaType"])
+    layer_digest, size = str(layer["digest"]), int(layer["size"])
+    annotations = layer.get("annotations") or {}
+    have = layer_digest if media_type == LAYER_MEDIA_TYPE else annotations.get(ANN_DISK_DIGEST)
+    if have and store.has(str(have)):
+        return str(have), 0  # same content already stored (another key or tag)
+    progress = Progress("pulling base image", size, log_fn)
+    resp = client.get_blob(layer_digest)
+    try:
+        chunks = client.iter_body(resp)
+        if media_type == LAYER_MEDIA_TYPE:
+            with store.writer(expected=layer_digest, size=size) as w:
+                for chunk in chunks:
+                    w.write(chunk)
+                    progress.update(len(chunk))
+            assert w.digest is not None
+            progress.finish()
+            return w.digest, w.bytes
+        if media_type == LAYER_MEDIA_TYPE_ZSTD:
+            plain = annotations.get(ANN_DISK_DIGEST)
+            plain_size = annotations.get(ANN_DISK_SIZE)
+            reader = HashingReader(chunks, progress)
+            with store.writer(expected=plain,
+                              size=int(plain_size) if plain_size else None) as w:
+                zstd_decompress(reader, w.write)
+                if "sha256:" + reader.hash.hexdigest() != layer_digest or reader.bytes != size:
+                    raise IntegrityError(
+                        f"layer {layer_digest} of {client.ref.name} arrived corrupt "
+                        f"({reader.bytes} bytes, digest mismatch)"
+                    )
+            assert w.digest is not None
+            progress.finish()
+            return w.digest, reader.bytes
+        raise RegistryError(f"unsupported layer media type {media_type} in {client.ref.name}")
+    finally:
+        resp.close()
+
+
+def zstd_decompress(src: HashingReader, sink: Callable[[bytes], Any]) -> None:
+    """Pipe ``src`` through ``zstd -d`` into ``sink`` (a feeder thread avoids deadlock)."""
+    zstd = shutil.which("zstd")
+    if zstd is None:
+        raise ToolMissingError("this image is zstd-compressed; apt-get install zstd")
+    proc = subprocess.Popen([zstd, "-d", "-q", "-c"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    failure: list[BaseException] = []
+
+    def feed(stdin: IO[bytes]) -> None:
+        try:
+            while chunk := src.read(CHUNK):
+                stdin.write(chunk)
+        except BrokenPipeError:
+            pass
+        except BaseException as exc:  # handed to the main thread
+            failure.append(exc)
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    feeder = threading.Thread(target=feed, args=(proc.stdin,), daemon=True)
+    feeder.start()
+    try:
+        while chunk := proc.stdout.read(CHUNK):
+            sink(chunk)
+    finally:
+        if failure or proc.poll() is None:
+            proc.stdout.close()
+        proc.wait()
+        feeder.join()
+    if failure:
+        raise failure[0]
+    if proc.returncode != 0:
+        err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+        raise IntegrityError(
+            f"zstd could not decompress the pulled layer ({err or proc.returncode})"
+        )
+
+
+# -- push ------------------------------------------------------------------------------
+
+
+def upload_stream(
+    client: Client, chunks: Iterable[bytes], *, length: int | None = None,
+    expected: str | None = None,
+) -> tuple[str, int]:
+    """Upload a blob from an iterable of chunks: POST, one streamed PATCH, PUT ?digest=.
+
+    With ``expected`` the registry verifies the digest at the final PUT (a
+    mismatch is an IntegrityError); without it the content is hashed while
+    sending. Returns (digest, size). Memory stays at one chunk.
+    """
+    resp = client.request("POST", f"{client.base}/blobs/uploads/",
+                          headers={"Content-Length": "0"})
+    client.check(resp, f"upload to {client.ref.name}", ok=(202,))
+    location = client.url(resp.headers.get("Location", ""))
+    resp.close()
+    hasher = hashlib.sha256()
+    counted = [0]
+
+    def body() -> Iterator[bytes]:
+        for chunk in chunks:
+            if expected is None:  # else the registry checks ?digest= for us
+                hasher.update(chunk)
+            counted[0] += len(chunk)
+            yield chunk
+
+    try:
+        data: Any = SizedBody(body(), length) if length is not None else body()
+        resp = client.request(
+            "PATCH", location, data=data, replayable=False,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        client.check(resp, f"upload to {client.ref.name}", ok=(202,))
+        location = client.url(resp.headers.get("Location", location))
+        resp.close()
+        digest = expected or "sha256:" + hasher.hexdigest()
+        if length is not None and counted[0] != length:
+            raise IntegrityError(f"read {counted[0]} bytes to push, expected {length}")
+        sep = "&" if "?" in location else "?"
+        resp = client.request(
+            "PUT", f"{location}{sep}digest={digest}", headers={"Content-Length": "0"},
+            timeout=(client.timeout[0], FINALIZE_TIMEOUT),
+        )
+        if resp.status_code == 400 and "DIGEST_INVALID" in resp.text:
+            resp.close()
+            raise IntegrityError(
+                f"the registry got content that does not match {digest}; the local file "
+                "changed or is corrupt; not pushed"
+            )
+        client.check(resp, f"upload to {client.ref.name}", ok=(201, 204))
+        resp.close()
+        location = ""
+        return digest, counted[0]
+    finally:
+        if location:  # cancel a half-done upload session (best effort)
+            with contextlib.suppress(FlightVMError):
+                client.request("DELETE", location).close()
+
+
+def put_manifest(client: Client, manifest: Mapping[str, Any], tag: str) -> str:
+    check_outgoing(dict(manifest))
+    body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
+    resp = client.request(
+        "PUT", f"{client.base}/manifests/{tag}", data=body,
+        headers={"Content-Type": str(manifest.get("mediaType", OCI_MANIFEST))},
+    )
+    client.check(resp, f"manifest {client.ref.name}:{tag}", ok=(201, 200))
+    resp.close()
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def disk_manifest(
+    *, arch: str, key: str | None, git_commit: str | None, digest: str, size: int,
+    media_type: str, layer_digest: str, layer_size: int, config_digest: str, config_size: int,
+) -> dict[str, Any]:
+    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    annotations = {ANN_ARCH: arch, ANN_CREATED: created, ANN_CREATED_OCI: created}
+    if key:
+        annotations[ANN_KEY] = key
+    if git_commit:
+        annotations[ANN_GIT] = git_commit
+        annotations[ANN_REVISION_OCI] = git_commit
+    return {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": config_size},
+        "layers": [{
+            "mediaType": media_type, "digest": layer_digest, "size": layer_size,
+            "annotations": {ANN_TITLE: DISK_TITLE, ANN_DISK_DIGEST: digest,
+                            ANN_DISK_SIZE: str(size)},
+        }],
+        "annotations": annotations,
+    }
+
+
+def push_disk(
+    client: Client,
+    path: Path,
+    tags: Sequence[str],
+    *,
+    arch: str,
+    key: str | None = None,
+    git_commit: str | None = None,
+    compress: str = "none",
+    digest: str | None = None,
+    log: Log = nolog,
+) -> PushResult:
+    """Push a qcow2 under ``tags``; streamed, so memory stays flat for any size.
+
+    ``digest`` (the store's verified digest) saves a pre-hash; the upload
+    re-hashes what it sends and refuses to finish if it differs.
+    """
+    if not tags:
+        raise ConfigError("push needs at least one tag")
+    start = time.monotonic()
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ConfigError(f"cannot push {path}: {exc.strerror}") from None
+    if digest is None:
+        from ..key import file_sha256
+        digest = "sha256:" + file_sha256(path)
+    progress = Progress(f"pushing base image to {client.ref.name}", size, log)
+    sent = 0
+    if compress == "zstd":
+        layer_digest, layer_size = upload_zstd(client, path, progress)
+        sent += layer_size
+        media_type = LAYER_MEDIA_TYPE_ZSTD
+    elif compress == "none":
+        media_type = LAYER_MEDIA_TYPE
+        layer_digest, layer_size = digest, size
+        if not client.blob_exists(digest):
+            _, sent = upload_stream(client, file_chunks(path, progress), length=size,
+                                    expected=digest)
+    else:
+        raise ConfigError(f"unknown compression {compress!r}; use none or zstd")
+    progress.finish()
+    config = json.dumps({
+        "architecture": arch, "os": "linux",
+        "flightvm": {"key": key, "disk": {"digest": digest, "size": size}},
+    }, sort_keys=True, separators=(",", ":")).encode()
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    if not client.blob_exists(config_digest):
+        upload_stream(client, [config], length=len(config), expected=config_digest)
+    manifest = disk_manifest(arch=arch, key=key, git_commit=git_commit, digest=digest, size=size,
+                             media_type=media_type, layer_digest=layer_digest,
+                             layer_size=layer_size, config_digest=config_digest,
+                             config_size=len(config))
+    manifest_digest = ""
+    for tag in tags:
+        manifest_digest = put_manifest(client, manifest, tag)
+    return PushResult(manifest_digest, sent, time.monotonic() - start, tuple(tags))
+
+
+def upload_zstd(client: Client, path: Path, progress: Progress) -> tuple[str, int]:
+    zstd = shutil.which("zstd")
+    if zstd is None:
+        raise ToolMissingError("compress=zstd needs the zstd binary; apt-get install zstd")
+    proc = subprocess.Popen([zstd, "-q", "-c", "-T0", "-3", "--", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+
+    def chunks() -> Iterator[bytes]:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read(CHUNK):
+            progress.update(len(chunk))
+            yield chunk
+
+    try:
+        digest, size = upload_stream(client, chunks())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RegistryError(f"zstd failed on {path}: {err.decode(errors='replace').strip()}")
+    return digest, size
