@@ -177,7 +177,18 @@ def _registry(settings: Settings, repository: str | None = None) -> FlightRegist
         return None
     from .registry import FlightRegistry
 
-    return FlightRegistry(repo, plain_http=settings.plain_http)
+    return FlightRegistry(repo, plain_http=settings.plain_http,
+                          env_credentials=_configured_host(settings, repo))
+
+
+def _configured_host(settings: Settings, repository: str) -> bool:
+    """Is ``repository`` on the configured registry's host (``--flightvm-registry``, or
+    without one, the pinned ``--flightvm-image``'s)? Only that host gets the
+    FLIGHTVM_REGISTRY_* credentials; any other uses the docker config."""
+    from .registry.auth import same_host
+
+    configured = (settings.registry or settings.image or "").split("/", 1)[0]
+    return bool(configured) and same_host(repository.split("/", 1)[0], configured)
 
 
 def current_key(settings: Settings, builder: Builder | None = None) -> CacheKey:
@@ -346,7 +357,8 @@ def _pinned_ref(
             raise ConfigError(f"--flightvm-image {ref}: not in the local store and offline")
         from .registry import FlightRegistry
 
-        registry = FlightRegistry(ref.name, plain_http=settings.plain_http)
+        registry = FlightRegistry(ref.name, plain_http=settings.plain_http,
+                                  env_credentials=_configured_host(settings, ref.name))
         if local:
             try:
                 current = registry.manifest_digest(ref.reference)

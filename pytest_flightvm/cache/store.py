@@ -180,8 +180,9 @@ class BlobWriter:
     """Streams bytes into a temp file in the store while hashing them.
 
     On a clean ``with`` exit the digest (and size, when given) is checked
-    against ``expected`` and the blob is installed read-only under its digest;
-    on an exception or a mismatch the temp file is removed. ``digest`` holds
+    against ``expected``, then ``check`` (when given) runs on the complete temp
+    file, and only then is the blob installed read-only under its digest; on
+    an exception, a mismatch or a failed check the temp file is removed. ``digest`` holds
     the result after commit.
 
     The caller only hands chunks over: one thread hashes them and another
@@ -189,10 +190,12 @@ class BlobWriter:
     instead of receive + write + hash.
     """
 
-    def __init__(self, store: Store, expected: str | None = None, size: int | None = None):
+    def __init__(self, store: Store, expected: str | None = None, size: int | None = None,
+                 check: Callable[[Path], None] | None = None):
         self.store = store
         self.expected = check_digest(expected) if expected else None
         self.expected_size = size
+        self.check = check
         self.tmp = store.tmp_path(".part")
         self._file: BinaryIO | None = open(self.tmp, "wb")
         self._hash = hashlib.sha256()
@@ -252,6 +255,12 @@ class BlobWriter:
                 f"size mismatch for {digest}: expected {self.expected_size} bytes, "
                 f"got {self.bytes}"
             )
+        if self.check is not None:
+            try:
+                self.check(self.tmp)
+            except BaseException:
+                self._discard()
+                raise
         self.digest = self.store._install(self.tmp, digest)
         return self.digest
 
@@ -326,8 +335,10 @@ class Store:
 
     # -- blobs -------------------------------------------------------------
 
-    def writer(self, expected: str | None = None, size: int | None = None) -> BlobWriter:
-        return BlobWriter(self, expected, size)
+    def writer(self, expected: str | None = None, size: int | None = None,
+               check: Callable[[Path], None] | None = None) -> BlobWriter:
+        """A :class:`BlobWriter`; ``check(tmp)`` vets the content before it is installed."""
+        return BlobWriter(self, expected, size, check)
 
     def import_file(self, path: Path, *, move: bool = False, expected: str | None = None) -> str:
         """Add a file to the store and return its digest.

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_flightvm.config import Settings
+from tests.fake_disk import write_fake_qcow2
 from tests.own_registry import OwnRegistry, make_ca_and_cert
 from tests.own_registry import start_registry as _start_registry
 
@@ -49,13 +50,9 @@ def sha256_file(path: Path) -> str:
 
 
 def fake_qcow2(path: Path, mib: int, seed: int = 0) -> Path:
-    """A file that passes the qcow2 magic check: ``QFI\\xfb`` + pseudo-random bytes."""
-    block = hashlib.sha256(str(seed).encode()).digest() * (MiB // 32)
-    with open(path, "wb") as f:
-        f.write(QCOW2_MAGIC)
-        for i in range(mib):
-            f.write(block[: MiB - (4 if i == 0 else 0)])
-    return path
+    """A plain qcow2 of ``mib`` MiB that passes every check: a real header, then
+    pseudo-random bytes from ``seed``."""
+    return write_fake_qcow2(path, mib * MiB, seed)
 
 
 # -- the flightvm CLI -----------------------------------------------------------------------

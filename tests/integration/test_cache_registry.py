@@ -20,6 +20,7 @@ from pytest_flightvm.cache.registry import (
     ANN_ARCH,
     ANN_CREATED,
     ANN_DISK_DIGEST,
+    ANN_DISK_SIZE,
     ANN_GIT,
     ANN_KEY,
     ANN_TITLE,
@@ -31,17 +32,13 @@ from pytest_flightvm.cache.registry import (
 )
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.errors import ArtifactNotFound, IntegrityError
+from tests.fake_disk import qcow2_bytes, write_fake_qcow2
 
 KEY = "c0ffee" * 10 + "abcd"
 
 
 def fake_qcow2(path: Path, mib: int = 4) -> Path:
-    chunk = os.urandom(1 << 20)
-    with open(path, "wb") as f:
-        f.write(b"QFI\xfb")
-        for i in range(mib):
-            f.write(chunk[: (1 << 20) - (4 if i == 0 else 0)])
-    return path
+    return write_fake_qcow2(path, mib << 20, os.urandom(16))
 
 
 def sha(data: bytes) -> str:
@@ -135,19 +132,21 @@ def test_inconsistent_artifact_is_never_installed(registry_repo: str, tmp_path: 
                                                   lie: str) -> None:
     """Manifests that do not match their blobs: the verifying writer refuses them all."""
     reg = FlightRegistry(registry_repo)
-    real = b"QFI\xfb" + os.urandom(1000)
+    real = qcow2_bytes(os.urandom(1000))
     digest, size = reg.upload_stream([real], length=len(real))
     reg.upload_stream([b"{}"], length=2)
     if lie == "size":
         manifest = _manifest_for(LAYER_MEDIA_TYPE, digest, size + 10)
     elif lie == "zstd-garbage":
-        manifest = _manifest_for(LAYER_MEDIA_TYPE_ZSTD, digest, size)
+        manifest = _manifest_for(LAYER_MEDIA_TYPE_ZSTD, digest, size, **{
+            ANN_DISK_DIGEST: sha(real), ANN_DISK_SIZE: str(len(real))})
     else:
         zst = subprocess.run(["zstd", "-q", "-c"], input=real, capture_output=True,
                              check=True).stdout
         zdigest, zsize = reg.upload_stream([zst], length=len(zst))
         manifest = _manifest_for(LAYER_MEDIA_TYPE_ZSTD, zdigest, zsize,
-                                 **{ANN_DISK_DIGEST: sha(b"something else")})
+                                 **{ANN_DISK_DIGEST: sha(b"something else"),
+                                    ANN_DISK_SIZE: str(len(real))})
     reg.put_manifest(manifest, "lying")
     store = Store(tmp_path / "s")
     with pytest.raises(IntegrityError):
@@ -200,7 +199,7 @@ def push_container_image(reg: FlightRegistry, tag: str, disk: bytes, *, docker: 
 
 @pytest.mark.parametrize("docker", [True, False], ids=["docker-tar.gz", "oci-tar"])
 def test_pull_seed_container_layout(registry_repo: str, tmp_path: Path, docker: bool) -> None:
-    disk = b"QFI\xfb" + os.urandom(3 << 20)
+    disk = qcow2_bytes(os.urandom(3 << 20))
     reg = FlightRegistry(registry_repo)
     push_container_image(reg, "base-qcow2-latest", disk, docker=docker)
     store = Store(tmp_path / "s")

@@ -19,6 +19,7 @@ from pytest_flightvm.cache.registry import FlightRegistry, find_credentials
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.config import Settings
 from pytest_flightvm.errors import IntegrityError, RegistryAuthError, RegistryError
+from tests.fake_disk import qcow2_bytes
 from tests.own_registry import OwnRegistry, make_ca_and_cert, start_registry
 
 USER = "flightvm-ci"
@@ -65,7 +66,7 @@ def no_ambient_creds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 def disk(path: Path) -> Path:
-    path.write_bytes(b"QFI\xfb" + os.urandom(2 << 20))
+    path.write_bytes(qcow2_bytes(os.urandom(2 << 20)))
     return path
 
 

@@ -23,6 +23,7 @@ from pytest_flightvm.cache.registry import FlightRegistry
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.config import Settings
 from pytest_flightvm.errors import ArtifactNotFound, RegistryUnavailable
+from tests.fake_disk import qcow2_bytes
 
 
 def quiet(_msg: str) -> None:
@@ -32,7 +33,7 @@ def quiet(_msg: str) -> None:
 @pytest.fixture
 def disk(tmp_path: Path) -> Path:
     path = tmp_path / "golden.qcow2"
-    path.write_bytes(b"QFI\xfb" + os.urandom(6 << 20))
+    path.write_bytes(qcow2_bytes(os.urandom(6 << 20)))
     return path
 
 
@@ -251,7 +252,7 @@ def test_pinned_registry_ref_by_tag_and_digest(registry_repo: str, tmp_path: Pat
 
     # The tag moves: the pin follows it.
     other = tmp_path / "other.qcow2"
-    other.write_bytes(b"QFI\xfb" + os.urandom(1 << 20))
+    other.write_bytes(qcow2_bytes(os.urandom(1 << 20)))
     reg.push_disk(other, ["golden"], arch="amd64")
     e = resolve_image(by_tag, log=quiet)
     assert e.source == "registry" and e.path.read_bytes() == other.read_bytes()

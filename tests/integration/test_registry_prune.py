@@ -21,6 +21,7 @@ import pytest
 
 from pytest_flightvm.cache.registry import FlightRegistry
 from pytest_flightvm.cache.store import Store
+from tests.fake_disk import qcow2_bytes
 from tests.own_registry import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +49,7 @@ def setup_registry(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 def disk(path: Path, seed: bytes) -> Path:
     block = hashlib.sha256(seed).digest() * (1 << 15)  # 1 MiB, distinct per seed
-    path.write_bytes(b"QFI\xfb" + block[4:] + block)
+    path.write_bytes(qcow2_bytes(block[4:] + block))
     return path
 
 

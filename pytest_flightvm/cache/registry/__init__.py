@@ -4,7 +4,9 @@
 :mod:`.auth` (credentials, challenges, tokens), :mod:`.client` (bounded
 requests, typed errors, manifests, tags), :mod:`.documents` (media types and
 manifest checks), :mod:`.transfer` (streamed, verified push and pull),
-:mod:`.layout` (the seed's container layout) and :mod:`.streams`.
+:mod:`.layout` (the seed's container layout) and :mod:`.streams` (bounded
+byte streams). Content from a registry is untrusted: see each module for the
+bound it keeps.
 
 oras-py is not used: its ``pull`` does not verify digests, its ``push`` holds
 the whole file in memory (RSS 512 MiB for a 480 MiB disk), failed requests are
@@ -29,7 +31,7 @@ from ..reference import Reference, is_loopback
 from ..store import Store
 from . import layout, transfer
 from .auth import Credentials, find_credentials
-from .client import CONNECT_TIMEOUT, FINALIZE_TIMEOUT, READ_TIMEOUT, Client
+from .client import CONNECT_TIMEOUT, FINALIZE_TIMEOUT, MIN_RATE, READ_TIMEOUT, Client
 from .documents import (
     ACCEPT,
     ANN_ARCH,
@@ -50,6 +52,7 @@ from .documents import (
     OCI_INDEX,
     OCI_MANIFEST,
     SEED_DISK_PATH,
+    check_annotations,
 )
 from .streams import Log, nolog
 from .transfer import PushResult
@@ -80,7 +83,10 @@ class FlightRegistry:
     ``repository`` is ``host[:port]/repo`` (a tag or digest in it is ignored).
     Plain HTTP is used for loopback hosts (unless a CA is given), or when
     ``plain_http``; otherwise HTTPS, verified against ``ca`` (default
-    ``$FLIGHTVM_REGISTRY_CA``) or the system store.
+    ``$FLIGHTVM_REGISTRY_CA``) or the system store. ``env_credentials=False``
+    keeps ``FLIGHTVM_REGISTRY_*`` credentials away from this host (they belong to
+    the configured registry only). A pulled disk enters the store only after
+    :func:`check_qcow2` (``plain=True``) passed on it.
     """
 
     def __init__(
@@ -92,11 +98,14 @@ class FlightRegistry:
         credentials: Credentials | None | bool = True,
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
+        min_rate: float = MIN_RATE,
+        env_credentials: bool = True,
     ) -> None:
         self.client = Client(
             repository, plain_http=plain_http,
             ca=ca or os.environ.get("FLIGHTVM_REGISTRY_CA") or None,
             credentials=credentials, connect_timeout=connect_timeout, read_timeout=read_timeout,
+            min_rate=min_rate, env_credentials=env_credentials,
         )
         self.ref = self.client.ref
         self.base = self.client.base
@@ -154,32 +163,32 @@ class FlightRegistry:
         start = time.monotonic()
         manifest, manifest_digest = self.client.get_manifest(reference, arch)
         what = f"{self.ref.name}:{reference}"
-        layers = manifest.get("layers") or []
-        ours = [la for la in layers if str(la.get("mediaType", "")).startswith(LAYER_MEDIA_TYPE)]
+
+        def check(candidate: Path) -> None:
+            check_qcow2(candidate, what, error=NotQcow2Error, plain=True)
+
+        layers = manifest["layers"]
+        ours = [la for la in layers if la.get("mediaType", "").startswith(LAYER_MEDIA_TYPE)]
         if ours:
-            annotations = {**(ours[0].get("annotations") or {}),
-                           **(manifest.get("annotations") or {})}
+            annotations = {**check_annotations(ours[0].get("annotations"), what),
+                           **check_annotations(manifest.get("annotations"), what)}
             art_arch = annotations.get(ANN_ARCH)
             if art_arch != arch:
                 raise ArtifactNotFound(
-                    f"{what} is for arch {art_arch or 'unknown'}, not {arch}"
+                    f"{what} is for arch {str(art_arch or 'unknown')[:40]}, not {arch}"
                 )
             if key is not None and annotations.get(ANN_KEY) != key:
                 raise ArtifactNotFound(
                     f"{what} was built from key {str(annotations.get(ANN_KEY))[:12]}, "
                     f"not {key[:12]}"
                 )
-            digest, moved = transfer.pull_layer(self.client, ours[0], store, log)
+            digest, moved = transfer.pull_layer(self.client, ours[0], store, log, check)
             layout_name = "flightvm"
         else:
-            annotations = dict(manifest.get("annotations") or {})
-            digest, moved = layout.pull_container(self.client, manifest, store, arch, what, log)
+            annotations = check_annotations(manifest.get("annotations"), what)
+            digest, moved = layout.pull_container(self.client, manifest, store, arch, what, log,
+                                                  check)
             layout_name = "container"
-        try:
-            check_qcow2(store.blob_path(digest), what, error=NotQcow2Error)
-        except NotQcow2Error:
-            store.remove(digest)
-            raise
         return PullResult(digest, manifest_digest, moved, time.monotonic() - start, layout_name,
                           annotations)
 

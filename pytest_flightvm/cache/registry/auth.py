@@ -1,10 +1,12 @@
 """Registry credentials: where they come from, and answering a registry's auth challenge.
 
 Sources, in order: ``FLIGHTVM_REGISTRY_TOKEN``; ``FLIGHTVM_REGISTRY_USER`` +
-``FLIGHTVM_REGISTRY_PASSWORD``; the docker config (``credHelpers``, ``credsStore``,
-``auths``), each entry for its own host only. :class:`Authenticator` turns a
-``WWW-Authenticate`` challenge into an ``Authorization`` header (Basic, or a
-Bearer token from the challenge's token service).
+``FLIGHTVM_REGISTRY_PASSWORD`` (both only for the configured registry's host:
+the caller says so with ``use_env``); the docker config (``credHelpers``,
+``credsStore``, ``auths``), each entry for its own host only.
+:class:`Authenticator` turns a ``WWW-Authenticate`` challenge into an
+``Authorization`` header (Basic, or a Bearer token from the challenge's token
+service, which must be https, or plain http only between loopback hosts).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import re
 import subprocess
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,7 @@ from pathlib import Path
 import requests
 
 from ...errors import ConfigError, RegistryAuthError, RegistryError
+from ..reference import is_loopback
 
 log = logging.getLogger("flightvm.cache.registry")
 
@@ -60,16 +64,23 @@ def _normalize_auth_key(key: str) -> str:
     return key.split("/", 1)[0]
 
 
-def find_credentials(host: str, env: Mapping[str, str] | None = None) -> Credentials | None:
+def same_host(a: str, b: str) -> bool:
+    """Do two ``host[:port]`` spellings name one registry (localhost = 127.0.0.1)?"""
+    return bool(_host_aliases(a) & _host_aliases(b))
+
+
+def find_credentials(host: str, env: Mapping[str, str] | None = None, *,
+                     use_env: bool = True) -> Credentials | None:
     """Credentials for ``host``: FLIGHTVM_REGISTRY_TOKEN, then FLIGHTVM_REGISTRY_USER +
-    FLIGHTVM_REGISTRY_PASSWORD, then the docker config (``$DOCKER_CONFIG/config.json``
-    or ``~/.docker/config.json``) the way docker reads it: ``credHelpers.<host>``, else
-    ``credsStore``, through ``docker-credential-<name> get``; then ``auths.<host>``."""
+    FLIGHTVM_REGISTRY_PASSWORD (with ``use_env``: ``host`` is the configured registry),
+    then the docker config (``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``)
+    the way docker reads it: ``credHelpers.<host>``, else ``credsStore``, through
+    ``docker-credential-<name> get``; then ``auths.<host>``."""
     env = os.environ if env is None else env
-    if env.get("FLIGHTVM_REGISTRY_TOKEN"):
+    if use_env and env.get("FLIGHTVM_REGISTRY_TOKEN"):
         return Credentials("FLIGHTVM_REGISTRY_TOKEN", token=env["FLIGHTVM_REGISTRY_TOKEN"])
     user, password = env.get("FLIGHTVM_REGISTRY_USER"), env.get("FLIGHTVM_REGISTRY_PASSWORD")
-    if user and password is not None:
+    if use_env and user and password is not None:
         return Credentials("FLIGHTVM_REGISTRY_USER/FLIGHTVM_REGISTRY_PASSWORD", user, password)
     home = env.get("HOME") or str(Path.home())
     config_dir = env.get("DOCKER_CONFIG") or str(Path(home) / ".docker")
@@ -160,8 +171,10 @@ class Authenticator:
     that never asks never runs a docker credential helper.
     """
 
-    def __init__(self, host: str, credentials: Credentials | None | bool = True) -> None:
+    def __init__(self, host: str, credentials: Credentials | None | bool = True, *,
+                 env_credentials: bool = True) -> None:
         self.host = host
+        self.env_credentials = env_credentials
         self._find = credentials is True
         self._credentials = None if credentials is True else (credentials or None)
         self.authorization: str | None = None
@@ -170,7 +183,8 @@ class Authenticator:
     @property
     def credentials(self) -> Credentials | None:
         if self._find:
-            self._credentials, self._find = find_credentials(self.host), False
+            self._credentials = find_credentials(self.host, use_env=self.env_credentials)
+            self._find = False
         return self._credentials
 
     def hint(self) -> str:
@@ -198,6 +212,7 @@ class Authenticator:
         realm = params.pop("realm", "")
         if not realm:
             return
+        self._check_realm(realm)
         cache_key = json.dumps(params, sort_keys=True)
         token = self._tokens.get(cache_key)
         if token is None:
@@ -220,3 +235,16 @@ class Authenticator:
             token = str(body.get("token") or body.get("access_token") or "")
             self._tokens[cache_key] = token
         self.authorization = f"Bearer {token}"
+
+    def _check_realm(self, realm: str) -> None:
+        """Credentials go to a token service over https only; plain http only when both
+        the registry and the token service are on loopback."""
+        parts = urllib.parse.urlsplit(realm)
+        if parts.scheme == "https" and parts.netloc:
+            return
+        if parts.scheme == "http" and is_loopback(parts.netloc) and is_loopback(self.host):
+            return
+        raise RegistryError(
+            f"registry {self.host} names the token service {realm[:100]!r}, which is not "
+            "https; refused (credentials would cross the network in clear)"
+        )

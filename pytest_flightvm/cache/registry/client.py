@@ -1,17 +1,21 @@
-"""HTTP to one registry repository: time-bounded requests with auth, typed one-line
-errors, manifests and tags.
+"""HTTP to one registry repository: bounded requests with auth, typed one-line errors,
+manifests and tags.
 
 Built on a plain ``requests.Session``: connect/read timeouts and no retry
 schedule, so a down or stalled registry is reported in seconds
 (:data:`CONNECT_TIMEOUT`, :data:`READ_TIMEOUT`); every requests failure becomes
-a one-line :class:`FlightVMError`.
+a one-line :class:`FlightVMError`. Every body is streamed and bounded: at most
+its declared size (metadata: :data:`METADATA_CAP`), within a deadline for the
+whole body that grows with its size (:meth:`Client.allowance`). Answers from
+the registry are checked (:mod:`.documents`) before any value in them is used;
+a URL it hands back (upload location, next page) must stay on its host.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +30,17 @@ from ...errors import (
 )
 from ..reference import Reference, is_loopback
 from .auth import Authenticator, Credentials
-from .documents import ACCEPT, DOCKER_LIST, OCI_INDEX, check_manifest
+from .documents import (
+    ACCEPT,
+    DOCKER_LIST,
+    OCI_INDEX,
+    check_digest,
+    check_manifest,
+    check_reference,
+    index_entries,
+    parse_json,
+)
+from .streams import CHUNK, Watchdog
 
 CONNECT_TIMEOUT = 3.0
 """Seconds to open a connection; a closed port fails at once."""
@@ -35,7 +49,12 @@ READ_TIMEOUT = 6.0
 FINALIZE_TIMEOUT = 120.0
 """Read timeout for the final PUT of an upload, when the registry may re-hash the blob."""
 
-CHUNK = 1 << 20
+METADATA_CAP = 4 << 20
+"""Most bytes of a manifest, config, token reply, tag page or error body."""
+MIN_RATE = 512 << 10
+"""Bytes/s a body must average: its deadline is ``2 x READ_TIMEOUT + size / MIN_RATE``."""
+MAX_PAGES = 1000
+"""Most pages of a tag list."""
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -47,27 +66,6 @@ def _short_reason(exc: BaseException) -> str:
         if m:
             return m.group(1).strip().rstrip(".")
     return type(exc).__name__
-
-
-def _speaks_tls(resp: requests.Response) -> bool:
-    """Go's net/http answers a plain HTTP request on a TLS port with this 400."""
-    try:
-        return "HTTP request to an HTTPS server" in resp.text
-    except (requests.exceptions.RequestException, OSError):
-        return False
-    finally:
-        resp.close()
-
-
-def error_message(resp: requests.Response) -> str:
-    try:
-        errors = resp.json().get("errors") or []
-        msgs = [f"{e.get('code', '')} {e.get('message', '')}".strip() for e in errors]
-        if msgs:
-            return "; ".join(msgs)
-    except (ValueError, AttributeError, requests.exceptions.RequestException):
-        pass
-    return f"HTTP {resp.status_code} {resp.reason}"
 
 
 class Client:
@@ -86,6 +84,8 @@ class Client:
         credentials: Credentials | None | bool = True,
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
+        min_rate: float = MIN_RATE,
+        env_credentials: bool = True,
     ) -> None:
         ref = Reference.parse(repository, "registry")
         self.ref = Reference(ref.host, ref.repository)
@@ -98,7 +98,8 @@ class Client:
             self.session.trust_env = False  # never send loopback traffic through a proxy
         self.base = f"{self.prefix}://{ref.host}/v2/{ref.repository}"
         self.timeout = (connect_timeout, read_timeout)
-        self.auth = Authenticator(ref.host, credentials)
+        self.min_rate = min_rate
+        self.auth = Authenticator(ref.host, credentials, env_credentials=env_credentials)
 
     # -- requests --------------------------------------------------------------
 
@@ -110,11 +111,16 @@ class Client:
         data: Any = None,
         headers: Mapping[str, str] | None = None,
         json: Any = None,
-        stream: bool = False,
+        stream: bool = True,
         timeout: tuple[float, float] | None = None,
         replayable: bool = True,
     ) -> requests.Response:
-        """One request with timeouts and auth; failures become FlightVMErrors."""
+        """One request with timeouts and auth; failures become FlightVMErrors.
+
+        The body is never read here (``stream`` is ignored): read it with
+        :meth:`body`, :meth:`json` or :meth:`bounded`, or close the response.
+        """
+        del stream
         tried: set[str | None] = set()
         for _ in range(4):
             hdrs = dict(headers or {})
@@ -123,7 +129,7 @@ class Client:
             tried.add(self.auth.authorization)
             try:
                 resp = self.session.request(
-                    method, url, data=data, json=json, headers=hdrs, stream=stream,
+                    method, url, data=data, json=json, headers=hdrs, stream=True,
                     timeout=timeout or self.timeout, verify=self.verify,
                 )
             except requests.exceptions.SSLError as exc:
@@ -138,7 +144,7 @@ class Client:
                 raise RegistryError(
                     f"request to registry {self.ref.host} failed: {_short_reason(exc)}"
                 ) from None
-            if resp.status_code == 400 and url.startswith("http:") and _speaks_tls(resp):
+            if resp.status_code == 400 and url.startswith("http:") and self._speaks_tls(resp):
                 raise RegistryError(
                     f"registry {self.ref.host} speaks TLS, but was asked in plain HTTP "
                     "(loopback registries default to HTTP); set FLIGHTVM_REGISTRY_CA to its "
@@ -155,7 +161,7 @@ class Client:
                 return resp
             challenge = resp.headers.get("WWW-Authenticate", "")
             resp.close()
-            self.auth.answer(challenge, self._token_request, self.json, error_message)
+            self.auth.answer(challenge, self._token_request, self.json, self.error_message)
             if self.auth.authorization in tried or not replayable:
                 break
         if self.auth.credentials is None:
@@ -173,9 +179,9 @@ class Client:
         try:
             if method == "POST":
                 return self.session.post(url, data=dict(values), timeout=self.timeout,
-                                         verify=self.verify)
+                                         verify=self.verify, stream=True)
             return self.session.get(url, params=dict(values), headers=dict(headers or {}),
-                                    timeout=self.timeout, verify=self.verify)
+                                    timeout=self.timeout, verify=self.verify, stream=True)
         except requests.exceptions.RequestException as exc:
             raise self.unavailable(exc) from None
 
@@ -191,39 +197,88 @@ class Client:
     def check(self, resp: requests.Response, what: str, ok: Sequence[int] = (200,)) -> None:
         if resp.status_code in ok:
             return
-        message = error_message(resp)
-        resp.close()
+        message = self.error_message(resp)
         if resp.status_code == 404:
             raise ArtifactNotFound(f"{what} not found")
         raise RegistryError(f"{what}: registry {self.ref.host} answered {message}")
 
-    def body(self, resp: requests.Response) -> bytes:
+    def error_message(self, resp: requests.Response) -> str:
+        """The registry's own error codes and messages, from a capped body; closes ``resp``."""
         try:
-            return resp.content
+            errors = parse_json(self.body(resp, "error", cap=64 << 10), "error").get("errors")
+            msgs = [f"{e.get('code', '')} {e.get('message', '')}".strip()[:200]
+                    for e in errors or [] if isinstance(e, dict)]
+            if msgs:
+                return "; ".join(msgs[:5])
+        except (RegistryError, AttributeError, TypeError):
+            pass
+        return f"HTTP {resp.status_code} {str(resp.reason)[:80]}"
+
+    def _speaks_tls(self, resp: requests.Response) -> bool:
+        """Go's net/http answers a plain HTTP request on a TLS port with this 400."""
+        try:
+            return b"HTTP request to an HTTPS server" in self.body(resp, "error", cap=64 << 10)
+        except RegistryError:
+            return False
+
+    def allowance(self, size: int) -> float:
+        """Seconds a body of ``size`` bytes may take, all of it (see :data:`MIN_RATE`)."""
+        return 2 * self.timeout[1] + size / self.min_rate
+
+    def bounded(self, resp: requests.Response, limit: int, what: str) -> Iterator[bytes]:
+        """The body of ``resp`` in chunks: at most ``limit`` bytes, all within
+        :meth:`allowance`; otherwise a one-line RegistryError (and the socket is shut)."""
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            resp.close()
+            raise RegistryError(f"{what}: registry {self.ref.host} announced {declared} bytes, "
+                                f"more than the {limit} expected; refused")
+        seconds = self.allowance(limit)
+        watchdog = Watchdog(resp, seconds)
+        got = 0
+        try:
+            for chunk in resp.iter_content(CHUNK):
+                got += len(chunk)
+                if got > limit:
+                    raise RegistryError(f"{what}: registry {self.ref.host} sent more than the "
+                                        f"{limit} bytes expected; refused")
+                if watchdog.fired:
+                    break
+                yield chunk
         except (requests.exceptions.RequestException, OSError) as exc:
-            raise self.unavailable(exc) from None
+            if not watchdog.fired:
+                raise self.unavailable(exc) from None
+        finally:
+            watchdog.cancel()
+        if watchdog.fired:
+            raise RegistryError(f"{what}: registry {self.ref.host} did not send its {limit} "
+                                f"bytes within {seconds:.0f} s ({got} arrived); refused")
+
+    def body(self, resp: requests.Response, what: str, cap: int = METADATA_CAP) -> bytes:
+        """The whole body, at most ``cap`` bytes (metadata); closes ``resp``. A second
+        call gets the same bytes (they are kept on ``resp``, as requests does)."""
+        if getattr(resp, "_content_consumed", False) and isinstance(resp._content, bytes):
+            return resp._content
+        try:
+            data = b"".join(self.bounded(resp, cap, what))
         finally:
             resp.close()
-
-    def json(self, resp: requests.Response, what: str) -> dict[str, Any]:
-        try:
-            data = json.loads(self.body(resp))
-        except ValueError:
-            raise RegistryError(f"{what}: the registry answered something that is not JSON") from None
-        if not isinstance(data, dict):
-            raise RegistryError(f"{what}: unexpected answer from the registry")
+        resp._content, resp._content_consumed = data, True  # type: ignore[attr-defined]
         return data
 
-    def iter_body(self, resp: requests.Response) -> Iterator[bytes]:
-        try:
-            yield from resp.iter_content(CHUNK)
-        except (requests.exceptions.RequestException, OSError) as exc:
-            raise self.unavailable(exc) from None
+    def json(self, resp: requests.Response, what: str) -> dict[str, Any]:
+        return parse_json(self.body(resp, what), what)
 
     def url(self, location: str) -> str:
-        if location.startswith("http"):
-            return location
-        return f"{self.prefix}://{self.ref.host}{location}"
+        """An absolute URL for a location the registry handed back, on its own host only
+        (our Authorization header goes with it)."""
+        if not location.startswith(("http://", "https://")):
+            return f"{self.prefix}://{self.ref.host}{location}"
+        parts = urllib.parse.urlsplit(location)
+        if parts.netloc != self.ref.host or parts.scheme != self.prefix:
+            raise RegistryError(f"registry {self.ref.host} sent us to {location[:100]}, "
+                                "another host; refused")
+        return location
 
     # -- read side -------------------------------------------------------------
 
@@ -237,58 +292,72 @@ class Client:
         """All tags of the repository ([] when the repository does not exist)."""
         url: str | None = f"{self.base}/tags/list"
         tags: list[str] = []
-        while url:
+        what = f"tags of {self.ref.name}"
+        for _ in range(MAX_PAGES):
+            if not url:
+                return tags
             resp = self.request("GET", url)
             if resp.status_code == 404:
+                resp.close()
                 return tags
-            self.check(resp, f"tags of {self.ref.name}")
-            tags.extend(self.json(resp, f"tags of {self.ref.name}").get("tags") or [])
+            self.check(resp, what)
+            page = self.json(resp, what).get("tags") or []
+            if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
+                raise RegistryError(f"{what}: the tag list is not a list of strings")
+            tags.extend(page)
             nxt = resp.links.get("next", {}).get("url")
             url = self.url(nxt) if nxt else None
-        return tags
+        raise RegistryError(f"{what}: more than {MAX_PAGES} pages; refused")
 
     def manifest_digest(self, reference: str) -> str | None:
         """Digest of the manifest a tag points at (HEAD), or None when absent."""
+        what = f"{self.ref.name}:{reference}"
+        check_reference(reference, what)
         resp = self.request("HEAD", f"{self.base}/manifests/{reference}",
                             headers={"Accept": ACCEPT})
         resp.close()
         if resp.status_code == 404:
             return None
-        self.check(resp, f"{self.ref.name}:{reference}")
-        return resp.headers.get("Docker-Content-Digest")
+        self.check(resp, what)
+        digest = resp.headers.get("Docker-Content-Digest")
+        return check_digest(digest, what) if digest else None
 
-    def get_manifest(self, reference: str, arch: str | None = None) -> tuple[dict[str, Any], str]:
-        """Fetch and verify a manifest; indexes are resolved to ``arch``'s manifest."""
+    def get_manifest(self, reference: str, arch: str | None = None,
+                     _depth: int = 0) -> tuple[dict[str, Any], str]:
+        """Fetch and verify a manifest; an index is resolved to ``arch``'s manifest."""
         what = f"{self.ref.name}{'@' if reference.startswith('sha256:') else ':'}{reference}"
+        check_reference(reference, what)
         resp = self.request("GET", f"{self.base}/manifests/{reference}",
                             headers={"Accept": ACCEPT})
         self.check(resp, what)
-        body = resp.content
+        content_type = resp.headers.get("Content-Type", "")
+        body = self.body(resp, what)
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if reference.startswith("sha256:") and digest != reference:
             raise IntegrityError(f"{what}: manifest content has digest {digest}")
-        try:
-            manifest = json.loads(body)
-        except ValueError:
-            raise RegistryError(f"{what}: the manifest is not JSON") from None
-        media_type = manifest.get("mediaType") or resp.headers.get("Content-Type", "")
+        manifest = parse_json(body, what)
+        media_type = manifest.get("mediaType") or content_type
         if media_type in (OCI_INDEX, DOCKER_LIST) or "manifests" in manifest:
             if arch is None:
                 raise RegistryError(f"{what} is an index; an arch is needed to pick a manifest")
-            for entry in manifest.get("manifests", []):
+            if _depth:
+                raise RegistryError(f"{what}: an index inside an index; refused")
+            for entry in index_entries(manifest, what):
                 platform = entry.get("platform") or {}
                 if platform.get("architecture") == arch and platform.get("os", "linux") == "linux":
-                    return self.get_manifest(entry["digest"], arch)
+                    return self.get_manifest(entry["digest"], arch, _depth + 1)
             raise ArtifactNotFound(f"{what} has no linux/{arch} image")
         check_manifest(manifest, what)
         return manifest, digest
 
     def get_blob(self, digest: str) -> requests.Response:
-        resp = self.request("GET", f"{self.base}/blobs/{digest}", stream=True)
+        check_digest(digest, f"blob of {self.ref.name}")
+        resp = self.request("GET", f"{self.base}/blobs/{digest}")
         self.check(resp, f"blob {digest} of {self.ref.name}")
         return resp
 
     def blob_exists(self, digest: str) -> bool:
+        check_digest(digest, f"blob of {self.ref.name}")
         resp = self.request("HEAD", f"{self.base}/blobs/{digest}")
         resp.close()
         if resp.status_code == 404:

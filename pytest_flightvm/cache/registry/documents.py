@@ -7,10 +7,9 @@ the title, key, git commit, arch and creation time.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
-
-import jsonschema
-import oras.schemas
 
 from ...errors import RegistryError
 
@@ -34,19 +33,94 @@ ANN_DISK_DIGEST = "dev.flightvm.disk.digest"
 ANN_DISK_SIZE = "dev.flightvm.disk.size"
 DISK_TITLE = "disk.qcow2"
 SEED_DISK_PATH = "qcow2/disk.qcow2"
+MAX_LAYERS = 1000
+"""Most layers (or index entries) a manifest may list."""
 
 
-def check_manifest(manifest: dict[str, Any], what: str) -> None:
-    """RegistryError unless ``manifest`` is a schema-2 image manifest."""
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+def check_digest(value: object, what: str) -> str:
+    """A ``sha256:<64 hex>`` string, or a one-line RegistryError (checked before any URL use)."""
+    if not isinstance(value, str) or not DIGEST_RE.match(value):
+        raise RegistryError(f"{what}: {str(value)[:80]!r} is not a sha256 digest")
+    return value
+
+
+def check_reference(value: str, what: str) -> str:
+    """A tag or a digest, safe to put after ``/manifests/``."""
+    if value.startswith("sha256:"):
+        return check_digest(value, what)
+    if not TAG_RE.match(value):
+        raise RegistryError(f"{what}: {value[:80]!r} is not a valid tag")
+    return value
+
+
+def parse_json(body: bytes, what: str) -> dict[str, Any]:
+    """A JSON object, or a one-line RegistryError."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise RegistryError(f"{what}: the registry answered something that is not JSON") from None
+    if not isinstance(data, dict):
+        raise RegistryError(f"{what}: the registry answered JSON that is not an object")
+    return data
+
+
+def _size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_descriptor(d: object, what: str) -> dict[str, Any]:
+    """A content descriptor: ``mediaType`` (str), ``digest`` (sha256), ``size`` (int >= 0),
+    optional ``annotations`` (str -> str)."""
+    if not isinstance(d, dict):
+        raise RegistryError(f"{what}: a descriptor is not an object")
+    if not isinstance(d.get("mediaType", ""), str):
+        raise RegistryError(f"{what}: a descriptor's mediaType is not a string")
+    check_digest(d.get("digest"), what)
+    if not _size(d.get("size")):
+        raise RegistryError(f"{what}: a descriptor's size is not a whole number >= 0")
+    check_annotations(d.get("annotations"), what)
+    return d
+
+
+def check_annotations(value: object, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise RegistryError(f"{what}: annotations are not a map of strings")
+    return value
+
+
+def check_manifest(manifest: dict[str, Any], what: str) -> dict[str, Any]:
+    """RegistryError unless ``manifest`` is a well-formed schema-2 image manifest."""
     if manifest.get("schemaVersion") != 2:
         raise RegistryError(
-            f"{what}: unsupported manifest (schema {manifest.get('schemaVersion')})"
+            f"{what}: unsupported manifest (schema {str(manifest.get('schemaVersion'))[:20]})"
         )
-    try:
-        jsonschema.validate(manifest, schema=oras.schemas.manifest)
-    except jsonschema.ValidationError as exc:
-        raise RegistryError(f"{what}: invalid manifest ({exc.message})") from None
+    if not isinstance(manifest.get("mediaType", ""), str):
+        raise RegistryError(f"{what}: the manifest's mediaType is not a string")
+    check_descriptor(manifest.get("config"), what + " (config)")
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or len(layers) > MAX_LAYERS:
+        raise RegistryError(f"{what}: the manifest's layers are not a list of at most "
+                            f"{MAX_LAYERS}")
+    for layer in layers:
+        check_descriptor(layer, what + " (layer)")
+    check_annotations(manifest.get("annotations"), what)
+    return manifest
 
 
-def check_outgoing(manifest: dict[str, Any]) -> None:
-    jsonschema.validate(manifest, schema=oras.schemas.manifest)
+def index_entries(index: dict[str, Any], what: str) -> list[dict[str, Any]]:
+    """The entries of an image index, each a checked descriptor."""
+    entries = index.get("manifests")
+    if not isinstance(entries, list) or len(entries) > MAX_LAYERS:
+        raise RegistryError(f"{what}: the index's manifests are not a list")
+    for entry in entries:
+        check_descriptor(entry, what + " (index entry)")
+        if not isinstance(entry.get("platform") or {}, dict):
+            raise RegistryError(f"{what}: an index entry's platform is not an object")
+    return entries

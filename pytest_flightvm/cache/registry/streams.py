@@ -1,22 +1,40 @@
-"""Byte streams of a transfer: progress lines, a hashing reader, a sized request body.
+"""Byte streams of a transfer: progress lines, hashing, a deadline for a whole body,
+and decompression that stops at its budget.
 
-Everything here holds at most one chunk (:data:`CHUNK`) in memory.
+Everything here holds about one chunk (:data:`CHUNK`) in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
+import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
+
+import requests
 
 CHUNK = 1 << 20
 MiB = 1 << 20
+MAX_DISK = 64 << 30
+"""Largest disk (file bytes) a pull accepts, whatever a manifest declares."""
+MAX_RATIO = 32
+"""Most bytes a compressed byte may become (qcow2 disks compress about 3:1)."""
+RATIO_FLOOR = 64 * MiB
 Log = Callable[[str], None]
 
 
 def nolog(_msg: str) -> None:
     pass
+
+
+def decompressed_budget(wire: int) -> int:
+    """Most bytes ``wire`` compressed bytes may decompress to."""
+    return min(MAX_DISK, max(RATIO_FLOOR, wire * MAX_RATIO))
 
 
 class Progress:
@@ -95,3 +113,114 @@ def file_chunks(path: Path, progress: Progress) -> Iterator[bytes]:
         while chunk := f.read(CHUNK):
             progress.update(len(chunk))
             yield chunk
+
+
+class Watchdog:
+    """Shuts a response's socket once ``seconds`` have passed.
+
+    requests' read timeout applies to each socket read, and one ``iter_content``
+    read loops until its chunk is full: a body trickling one byte every 4 s
+    never times out. Shutting the socket from this timer thread ends the
+    blocked read at once; :attr:`fired` tells the reader why it ended.
+    """
+
+    def __init__(self, resp: requests.Response, seconds: float) -> None:
+        self.resp = resp
+        self.seconds = seconds
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        sock = _socket_of(self.resp)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            self.resp.close()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _socket_of(resp: requests.Response) -> socket.socket | None:
+    """The socket under a streamed response (urllib3 -> http.client -> SocketIO)."""
+    node: object = resp.raw
+    for attr in ("_fp", "fp", "raw", "_sock"):  # no public handle exists
+        node = getattr(node, attr, None)
+    return node if isinstance(node, socket.socket) else None
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1) -> bytes: ...
+
+
+class Budget:
+    """Counts bytes against a limit; ``spend`` raises ``error()`` past it."""
+
+    def __init__(self, limit: int, error: Callable[[], Exception]) -> None:
+        self.limit, self.used, self._error = limit, 0, error
+
+    def spend(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise self._error()
+
+
+class GunzipReader:
+    """File-like gunzip of ``src`` (multi-member) whose output stops at ``budget``.
+
+    ``zlib``'s ``max_length`` keeps each step to one chunk of output, so a
+    bomb never holds more than that in memory; past the budget it raises.
+    """
+
+    def __init__(self, src: Readable, budget: Budget) -> None:
+        self._src, self._budget = src, budget
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._pending = b""
+
+    def read(self, n: int = -1) -> bytes:
+        n = CHUNK if n < 0 else n
+        out: list[bytes] = []
+        got = 0
+        while got < n:
+            if not self._pending:
+                self._pending = self._src.read(CHUNK)
+                if not self._pending:
+                    break  # input ended; a cut-short stream is the tar reader's to report
+            try:
+                data = self._z.decompress(self._pending, n - got)
+            except zlib.error as exc:
+                raise OSError(f"gzip: {exc}") from None
+            if self._z.eof:  # another gzip member may follow
+                self._pending = self._z.unused_data
+                self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            else:
+                self._pending = self._z.unconsumed_tail
+            if data:
+                self._budget.spend(len(data))
+                out.append(data)
+                got += len(data)
+        return b"".join(out)
+
+
+def zstd_chunks(src: Readable, budget: Budget) -> Iterator[bytes]:
+    """Decompress a zstd stream from ``src``, one chunk at a time, within ``budget``."""
+    import zstandard
+
+    reader = zstandard.ZstdDecompressor().stream_reader(src, read_size=CHUNK,  # type: ignore[arg-type]
+                                                        read_across_frames=True)
+    try:
+        while True:
+            try:
+                chunk = reader.read(CHUNK)
+            except zstandard.ZstdError as exc:
+                raise OSError(f"zstd: {exc}") from None
+            if not chunk:
+                return
+            budget.spend(len(chunk))
+            yield chunk
+    finally:
+        reader.close()

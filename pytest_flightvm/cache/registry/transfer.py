@@ -2,8 +2,10 @@
 
 Push streams the file (POST + one streamed PATCH + PUT ?digest=) and hashes it
 while sending, so memory stays at one chunk for any size. Pull streams to disk
-through the store's verifying writer, so nothing unverified is ever installed
-under a digest.
+through the store's verifying writer, within the sizes and deadline the
+manifest declares, so nothing unverified is ever installed under a digest.
+zstd runs in-process through the ``zstandard`` package (bounded output per
+read, no helper binary, no feeder threads).
 """
 
 from __future__ import annotations
@@ -11,17 +13,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from ...errors import ConfigError, FlightVMError, IntegrityError, RegistryError, ToolMissingError
+from ...errors import ConfigError, FlightVMError, IntegrityError, RegistryError
 from ..store import Store
 from .client import FINALIZE_TIMEOUT, Client
 from .documents import (
@@ -39,9 +38,22 @@ from .documents import (
     LAYER_MEDIA_TYPE,
     LAYER_MEDIA_TYPE_ZSTD,
     OCI_MANIFEST,
-    check_outgoing,
+    check_digest,
+    check_manifest,
 )
-from .streams import CHUNK, HashingReader, Log, Progress, SizedBody, file_chunks, nolog
+from .streams import (
+    CHUNK,
+    MAX_DISK,
+    Budget,
+    HashingReader,
+    Log,
+    Progress,
+    SizedBody,
+    decompressed_budget,
+    file_chunks,
+    nolog,
+    zstd_chunks,
+)
 
 
 @dataclass(frozen=True)
@@ -55,86 +67,66 @@ class PushResult:
 # -- pull ------------------------------------------------------------------------------
 
 
-def pull_layer(client: Client, layer: Mapping[str, Any], store: Store,
-               log_fn: Log) -> tuple[str, int]:
-    """Pull a flightvm disk layer into ``store``; returns (store digest, wire bytes)."""
+def pull_layer(client: Client, layer: Mapping[str, Any], store: Store, log_fn: Log,
+               check: Callable[[Path], None]) -> tuple[str, int]:
+    """Pull a flightvm disk layer into ``store``; returns (store digest, wire bytes).
+
+    The wire bytes must be the layer's declared size and digest; a zstd layer
+    must decompress to exactly the disk size and digest its annotations
+    declare (within :func:`decompressed_budget` of the wire size); ``check``
+    vets the complete disk before the store installs it.
+    """
+    what = f"layer of {client.ref.name}"
     media_type = str(layer["mediaType"])
-    layer_digest, size = str(layer["digest"]), int(layer["size"])
+    layer_digest, size = check_digest(layer["digest"], what), int(layer["size"])
     annotations = layer.get("annotations") or {}
-    have = layer_digest if media_type == LAYER_MEDIA_TYPE else annotations.get(ANN_DISK_DIGEST)
-    if have and store.has(str(have)):
-        return str(have), 0  # same content already stored (another key or tag)
+    if size > MAX_DISK:
+        raise RegistryError(f"{what} declares {size} bytes, more than {MAX_DISK >> 30} GiB; "
+                            "refused")
+    if media_type == LAYER_MEDIA_TYPE:
+        plain, plain_size = layer_digest, size
+    elif media_type == LAYER_MEDIA_TYPE_ZSTD:
+        plain = check_digest(annotations.get(ANN_DISK_DIGEST), f"{what} ({ANN_DISK_DIGEST})")
+        text = annotations.get(ANN_DISK_SIZE, "")
+        if not text.isdigit() or int(text) > decompressed_budget(size):
+            raise RegistryError(f"{what}: {ANN_DISK_SIZE} {text[:20]!r} is not a size up to "
+                                f"{decompressed_budget(size)} bytes; refused")
+        plain_size = int(text)
+    else:
+        raise RegistryError(f"unsupported layer media type {media_type[:80]} in {client.ref.name}")
+    if store.has(plain):
+        return plain, 0  # same content already stored (another key or tag)
     progress = Progress("pulling base image", size, log_fn)
     resp = client.get_blob(layer_digest)
     try:
-        chunks = client.iter_body(resp)
-        if media_type == LAYER_MEDIA_TYPE:
-            with store.writer(expected=layer_digest, size=size) as w:
+        chunks = client.bounded(resp, size, f"blob {layer_digest[:19]} of {client.ref.name}")
+        with store.writer(expected=plain, size=plain_size, check=check) as w:
+            if media_type == LAYER_MEDIA_TYPE:
                 for chunk in chunks:
                     w.write(chunk)
                     progress.update(len(chunk))
-            assert w.digest is not None
-            progress.finish()
-            return w.digest, w.bytes
-        if media_type == LAYER_MEDIA_TYPE_ZSTD:
-            plain = annotations.get(ANN_DISK_DIGEST)
-            plain_size = annotations.get(ANN_DISK_SIZE)
-            reader = HashingReader(chunks, progress)
-            with store.writer(expected=plain,
-                              size=int(plain_size) if plain_size else None) as w:
-                zstd_decompress(reader, w.write)
+                moved = w.bytes
+            else:
+                reader = HashingReader(chunks, progress)
+                budget = Budget(plain_size, lambda: RegistryError(
+                    f"{what} decompresses to more than its declared {plain_size} bytes; refused"))
+                try:
+                    for chunk in zstd_chunks(reader, budget):
+                        w.write(chunk)
+                except OSError as exc:
+                    raise IntegrityError(f"{what} could not be decompressed ({exc})") from None
+                reader.drain()
                 if "sha256:" + reader.hash.hexdigest() != layer_digest or reader.bytes != size:
                     raise IntegrityError(
                         f"layer {layer_digest} of {client.ref.name} arrived corrupt "
                         f"({reader.bytes} bytes, digest mismatch)"
                     )
-            assert w.digest is not None
-            progress.finish()
-            return w.digest, reader.bytes
-        raise RegistryError(f"unsupported layer media type {media_type} in {client.ref.name}")
+                moved = reader.bytes
+        assert w.digest is not None
+        progress.finish()
+        return w.digest, moved
     finally:
         resp.close()
-
-
-def zstd_decompress(src: HashingReader, sink: Callable[[bytes], Any]) -> None:
-    """Pipe ``src`` through ``zstd -d`` into ``sink`` (a feeder thread avoids deadlock)."""
-    zstd = shutil.which("zstd")
-    if zstd is None:
-        raise ToolMissingError("this image is zstd-compressed; apt-get install zstd")
-    proc = subprocess.Popen([zstd, "-d", "-q", "-c"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None
-    failure: list[BaseException] = []
-
-    def feed(stdin: IO[bytes]) -> None:
-        try:
-            while chunk := src.read(CHUNK):
-                stdin.write(chunk)
-        except BrokenPipeError:
-            pass
-        except BaseException as exc:  # handed to the main thread
-            failure.append(exc)
-        finally:
-            with contextlib.suppress(OSError):
-                stdin.close()
-
-    feeder = threading.Thread(target=feed, args=(proc.stdin,), daemon=True)
-    feeder.start()
-    try:
-        while chunk := proc.stdout.read(CHUNK):
-            sink(chunk)
-    finally:
-        if failure or proc.poll() is None:
-            proc.stdout.close()
-        proc.wait()
-        feeder.join()
-    if failure:
-        raise failure[0]
-    if proc.returncode != 0:
-        err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-        raise IntegrityError(
-            f"zstd could not decompress the pulled layer ({err or proc.returncode})"
-        )
 
 
 # -- push ------------------------------------------------------------------------------
@@ -182,8 +174,8 @@ def upload_stream(
             "PUT", f"{location}{sep}digest={digest}", headers={"Content-Length": "0"},
             timeout=(client.timeout[0], FINALIZE_TIMEOUT),
         )
-        if resp.status_code == 400 and "DIGEST_INVALID" in resp.text:
-            resp.close()
+        if resp.status_code == 400 and b"DIGEST_INVALID" in client.body(resp, "upload",
+                                                                          cap=64 << 10):
             raise IntegrityError(
                 f"the registry got content that does not match {digest}; the local file "
                 "changed or is corrupt; not pushed"
@@ -199,7 +191,7 @@ def upload_stream(
 
 
 def put_manifest(client: Client, manifest: Mapping[str, Any], tag: str) -> str:
-    check_outgoing(dict(manifest))
+    check_manifest(dict(manifest), f"manifest to push to {client.ref.name}:{tag}")
     body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
     resp = client.request(
         "PUT", f"{client.base}/manifests/{tag}", data=body,
@@ -295,25 +287,21 @@ def push_disk(
 
 
 def upload_zstd(client: Client, path: Path, progress: Progress) -> tuple[str, int]:
-    zstd = shutil.which("zstd")
-    if zstd is None:
-        raise ToolMissingError("compress=zstd needs the zstd binary; apt-get install zstd")
-    proc = subprocess.Popen([zstd, "-q", "-c", "-T0", "-3", "--", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
+    """Compress ``path`` in-process (zstandard: level 3, all cores, like ``zstd -3 -T0``)
+    while uploading it; memory stays at a few chunks."""
+    import zstandard
+
+    size = path.stat().st_size
+    compressor = zstandard.ZstdCompressor(level=3, threads=-1)
 
     def chunks() -> Iterator[bytes]:
-        assert proc.stdout is not None
-        while chunk := proc.stdout.read(CHUNK):
-            progress.update(len(chunk))
-            yield chunk
+        with open(path, "rb") as f:
+            for chunk in compressor.read_to_iter(f, size=size, read_size=CHUNK,
+                                                 write_size=CHUNK):
+                progress.update(len(chunk))
+                yield chunk
 
     try:
-        digest, size = upload_stream(client, chunks())
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        _, err = proc.communicate()
-    if proc.returncode != 0:
-        raise RegistryError(f"zstd failed on {path}: {err.decode(errors='replace').strip()}")
-    return digest, size
+        return upload_stream(client, chunks())
+    except (OSError, zstandard.ZstdError) as exc:
+        raise RegistryError(f"cannot compress {path} to push it: {exc}") from None
