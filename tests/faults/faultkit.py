@@ -442,3 +442,107 @@ class Child:
             kill_group(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+# -- a hostile registry on loopback -----------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """What :class:`HostileRegistry` answers for one path: ``body`` (bytes, or an
+    iterator of chunks), a ``length`` header to claim (None: the body's own, if bytes),
+    and ``delay`` seconds between chunks (a trickle)."""
+
+    body: Any = b""
+    status: int = 200
+    length: int | None = None
+    delay: float = 0.0
+    headers: dict[str, str] | None = None
+
+
+class HostileRegistry:
+    """A registry API on a loopback address that misbehaves on purpose: the test maps
+    request paths to :class:`Reply` objects. Every request's path and headers are kept
+    in :attr:`seen` (to check where credentials went)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        import http.server
+
+        self.replies: dict[str, Reply] = {}
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+        self._stop = threading.Event()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+            def _serve(self) -> None:
+                owner.seen.append((self.command, self.path, dict(self.headers)))
+                reply = owner.replies.get(self.path.split("?", 1)[0])
+                if reply is None:
+                    reply = Reply(b'{"errors":[{"code":"NOT_FOUND"}]}', 404)
+                self.send_response(reply.status)
+                for k, v in (reply.headers or {}).items():
+                    self.send_header(k, v)
+                length = reply.length
+                if length is None and isinstance(reply.body, bytes):
+                    length = len(reply.body)
+                if length is not None:
+                    self.send_header("Content-Length", str(length))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command == "HEAD":
+                    return
+                chunks = [reply.body] if isinstance(reply.body, bytes) else reply.body
+                try:
+                    for chunk in chunks:
+                        if owner._stop.is_set():
+                            return
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                        if reply.delay:
+                            owner._stop.wait(reply.delay)
+                except OSError:
+                    pass  # the client gave up: that is the point
+
+            do_GET = do_HEAD = do_POST = do_PUT = _serve  # noqa: N815
+
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"{host}:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def repo(self, name: str = "flightvm/base") -> str:
+        return f"{self.host}/{name}"
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> HostileRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def push_container_image(reg: Any, tag: str, layer: bytes, layer_type: str,
+                         arch: str = "amd64") -> str:
+    """An OCI image of one layer (the seed's container layout), pushed by hand to ``reg``
+    (a FlightRegistry): config + layer + manifest."""
+    config = json.dumps({"architecture": arch, "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    for blob in (layer, config):
+        reg.upload_stream([blob], length=len(blob))
+    return str(reg.put_manifest({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": "sha256:" + hashlib.sha256(config).hexdigest(), "size": len(config)},
+        "layers": [{"mediaType": layer_type, "digest": "sha256:" + hashlib.sha256(layer).hexdigest(),
+                    "size": len(layer)}],
+    }, tag))
