@@ -163,6 +163,8 @@ class Podman:
         return res
 
     def wipe(self) -> None:
+        if shutil.which("podman") is None:  # nothing to wipe (and nothing to run it with)
+            return
         self("rm", "-a", "-f", check=False)
         self("rmi", "-a", "-f", check=False)
         self("system", "reset", "-f", check=False)
