@@ -31,7 +31,7 @@ from ..reference import Reference, is_loopback
 from ..store import Store
 from . import layout, transfer
 from .auth import Credentials, find_credentials
-from .client import CONNECT_TIMEOUT, FINALIZE_TIMEOUT, MIN_RATE, READ_TIMEOUT, Client
+from .client import CONNECT_TIMEOUT, FINALIZE_TIMEOUT, READ_TIMEOUT, Client
 from .documents import (
     ACCEPT,
     ANN_ARCH,
@@ -80,33 +80,18 @@ class PullResult:
 class FlightRegistry:
     """Streaming, verifying, time-bounded registry I/O for one repository.
 
-    ``repository`` is ``host[:port]/repo`` (a tag or digest in it is ignored).
-    Plain HTTP is used for loopback hosts (unless a CA is given), or when
-    ``plain_http``; otherwise HTTPS, verified against ``ca`` (default
-    ``$FLIGHTVM_REGISTRY_CA``) or the system store. ``env_credentials=False``
-    keeps ``FLIGHTVM_REGISTRY_*`` credentials away from this host (they belong to
-    the configured registry only). A pulled disk enters the store only after
+    ``repository`` is ``host[:port]/repo`` (a tag or digest in it is ignored);
+    ``options`` are :class:`~.client.Client`'s (``plain_http``, ``credentials``,
+    timeouts, ``min_rate``, ``env_credentials``); ``ca`` defaults to
+    ``$FLIGHTVM_REGISTRY_CA``. ``env_credentials=False`` keeps
+    ``FLIGHTVM_REGISTRY_*`` credentials away from this host (they belong to the
+    configured registry only). A pulled disk enters the store only after
     :func:`check_qcow2` (``plain=True``) passed on it.
     """
 
-    def __init__(
-        self,
-        repository: str,
-        *,
-        plain_http: bool = False,
-        ca: str | None = None,
-        credentials: Credentials | None | bool = True,
-        connect_timeout: float = CONNECT_TIMEOUT,
-        read_timeout: float = READ_TIMEOUT,
-        min_rate: float = MIN_RATE,
-        env_credentials: bool = True,
-    ) -> None:
-        self.client = Client(
-            repository, plain_http=plain_http,
-            ca=ca or os.environ.get("FLIGHTVM_REGISTRY_CA") or None,
-            credentials=credentials, connect_timeout=connect_timeout, read_timeout=read_timeout,
-            min_rate=min_rate, env_credentials=env_credentials,
-        )
+    def __init__(self, repository: str, *, ca: str | None = None, **options: Any) -> None:
+        self.client = Client(repository, ca=ca or os.environ.get("FLIGHTVM_REGISTRY_CA") or None,
+                             **options)
         self.ref = self.client.ref
         self.base = self.client.base
         self.prefix = self.client.prefix
@@ -202,19 +187,7 @@ class FlightRegistry:
     def put_manifest(self, manifest: Mapping[str, Any], tag: str) -> str:
         return transfer.put_manifest(self.client, manifest, tag)
 
-    def push_disk(
-        self,
-        path: Path,
-        tags: Sequence[str],
-        *,
-        arch: str,
-        key: str | None = None,
-        git_commit: str | None = None,
-        compress: str = "none",
-        digest: str | None = None,
-        log: Log = nolog,
-    ) -> PushResult:
-        """Push a qcow2 under ``tags``; streamed, so memory stays flat for any size."""
-        return transfer.push_disk(self.client, path, tags, arch=arch, key=key,
-                                  git_commit=git_commit, compress=compress, digest=digest,
-                                  log=log)
+    def push_disk(self, path: Path, tags: Sequence[str], **options: Any) -> PushResult:
+        """Push a qcow2 under ``tags``, streamed (options: :func:`.transfer.push_disk`'s
+        ``arch``, ``key``, ``git_commit``, ``compress``, ``digest``, ``log``)."""
+        return transfer.push_disk(self.client, path, tags, **options)

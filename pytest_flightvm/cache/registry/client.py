@@ -164,6 +164,11 @@ class Client:
             self.auth.answer(challenge, self._token_request, self.json, self.error_message)
             if self.auth.authorization in tried or not replayable:
                 break
+        if self.auth.credentials is None and not self.auth.env_credentials:
+            raise RegistryAuthError(
+                f"registry {self.ref.host} requires credentials; FLIGHTVM_REGISTRY_* credentials "
+                "go only to the configured registry, so `docker login` this one"
+            )
         if self.auth.credentials is None:
             raise RegistryAuthError(
                 f"registry {self.ref.host} requires credentials; set FLIGHTVM_REGISTRY_USER and "

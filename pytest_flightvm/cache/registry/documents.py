@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 from ...errors import RegistryError
@@ -124,3 +125,27 @@ def index_entries(index: dict[str, Any], what: str) -> list[dict[str, Any]]:
         if not isinstance(entry.get("platform") or {}, dict):
             raise RegistryError(f"{what}: an index entry's platform is not an object")
     return entries
+
+
+def disk_manifest(
+    *, arch: str, key: str | None, git_commit: str | None, digest: str, size: int,
+    media_type: str, layer_digest: str, layer_size: int, config_digest: str, config_size: int,
+) -> dict[str, Any]:
+    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    annotations = {ANN_ARCH: arch, ANN_CREATED: created, ANN_CREATED_OCI: created}
+    if key:
+        annotations[ANN_KEY] = key
+    if git_commit:
+        annotations[ANN_GIT] = git_commit
+        annotations[ANN_REVISION_OCI] = git_commit
+    return {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": config_size},
+        "layers": [{
+            "mediaType": media_type, "digest": layer_digest, "size": layer_size,
+            "annotations": {ANN_TITLE: DISK_TITLE, ANN_DISK_DIGEST: digest,
+                            ANN_DISK_SIZE: str(size)},
+        }],
+        "annotations": annotations,
+    }

@@ -16,7 +16,6 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +23,14 @@ from ...errors import ConfigError, FlightVMError, IntegrityError, RegistryError
 from ..store import Store
 from .client import FINALIZE_TIMEOUT, Client
 from .documents import (
-    ANN_ARCH,
-    ANN_CREATED,
-    ANN_CREATED_OCI,
     ANN_DISK_DIGEST,
     ANN_DISK_SIZE,
-    ANN_GIT,
-    ANN_KEY,
-    ANN_REVISION_OCI,
-    ANN_TITLE,
-    CONFIG_MEDIA_TYPE,
-    DISK_TITLE,
     LAYER_MEDIA_TYPE,
     LAYER_MEDIA_TYPE_ZSTD,
     OCI_MANIFEST,
     check_digest,
     check_manifest,
+    disk_manifest,
 )
 from .streams import (
     CHUNK,
@@ -200,30 +191,6 @@ def put_manifest(client: Client, manifest: Mapping[str, Any], tag: str) -> str:
     client.check(resp, f"manifest {client.ref.name}:{tag}", ok=(201, 200))
     resp.close()
     return "sha256:" + hashlib.sha256(body).hexdigest()
-
-
-def disk_manifest(
-    *, arch: str, key: str | None, git_commit: str | None, digest: str, size: int,
-    media_type: str, layer_digest: str, layer_size: int, config_digest: str, config_size: int,
-) -> dict[str, Any]:
-    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    annotations = {ANN_ARCH: arch, ANN_CREATED: created, ANN_CREATED_OCI: created}
-    if key:
-        annotations[ANN_KEY] = key
-    if git_commit:
-        annotations[ANN_GIT] = git_commit
-        annotations[ANN_REVISION_OCI] = git_commit
-    return {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": config_size},
-        "layers": [{
-            "mediaType": media_type, "digest": layer_digest, "size": layer_size,
-            "annotations": {ANN_TITLE: DISK_TITLE, ANN_DISK_DIGEST: digest,
-                            ANN_DISK_SIZE: str(size)},
-        }],
-        "annotations": annotations,
-    }
 
 
 def push_disk(
