@@ -224,3 +224,53 @@ def zstd_chunks(src: Readable, budget: Budget) -> Iterator[bytes]:
             yield chunk
     finally:
         reader.close()
+
+
+def threaded(chunks: Iterator[bytes], depth: int = 4) -> Iterator[bytes]:
+    """Run ``chunks`` in a thread of its own, ``depth`` chunks ahead of the consumer.
+
+    A transfer is a pipeline (receive, decompress, hash, write); zstd, zlib and
+    hashlib release the GIL, so stages in threads overlap as the ``zstd``
+    process once did. An exception in the producer is raised in the consumer;
+    closing the consumer stops the producer.
+    """
+    import queue
+
+    q: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                while not stop.is_set():
+                    try:
+                        q.put(("chunk", chunk), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            item: tuple[str, object] = ("end", None)
+        except BaseException as exc:  # handed to the consumer
+            item = ("error", exc)
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "chunk":
+                yield value  # type: ignore[misc]
+            elif kind == "error":
+                raise value  # type: ignore[misc]
+            else:
+                return
+    finally:
+        stop.set()
+        thread.join(5)

@@ -43,6 +43,7 @@ from .streams import (
     decompressed_budget,
     file_chunks,
     nolog,
+    threaded,
     zstd_chunks,
 )
 
@@ -98,7 +99,7 @@ def pull_layer(client: Client, layer: Mapping[str, Any], store: Store, log_fn: L
                     progress.update(len(chunk))
                 moved = w.bytes
             else:
-                reader = HashingReader(chunks, progress)
+                reader = HashingReader(threaded(chunks), progress)
                 budget = Budget(plain_size, lambda: RegistryError(
                     f"{what} decompresses to more than its declared {plain_size} bytes; refused"))
                 try:
@@ -269,6 +270,6 @@ def upload_zstd(client: Client, path: Path, progress: Progress) -> tuple[str, in
                 yield chunk
 
     try:
-        return upload_stream(client, chunks())
+        return upload_stream(client, threaded(chunks()))
     except (OSError, zstandard.ZstdError) as exc:
         raise RegistryError(f"cannot compress {path} to push it: {exc}") from None
