@@ -143,3 +143,33 @@ def test_locations_stay_on_the_registry_host() -> None:
                   "http://evil.example/v2/x"):
         with pytest.raises(RegistryError, match="another host"):
             client.url(other)
+
+
+def test_threaded_passes_chunks_errors_and_stops_on_close() -> None:
+    import threading
+
+    from pytest_flightvm.cache.registry.streams import threaded
+
+    assert list(threaded(iter([b"a", b"b", b"c"]), depth=1)) == [b"a", b"b", b"c"]
+
+    def failing():  # type: ignore[no-untyped-def]
+        yield b"x"
+        raise RegistryError("producer broke")
+
+    gen = threaded(failing())
+    assert next(gen) == b"x"
+    with pytest.raises(RegistryError, match="producer broke"):
+        next(gen)
+
+    made = [0]
+
+    def endless():  # type: ignore[no-untyped-def]
+        while True:
+            made[0] += 1
+            yield b"y"
+
+    before = threading.active_count()
+    gen = threaded(endless(), depth=2)
+    assert next(gen) == b"y"
+    gen.close()
+    assert threading.active_count() == before and made[0] <= 5
