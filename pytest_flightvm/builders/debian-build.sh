@@ -1,11 +1,29 @@
 #!/usr/bin/env bash
-# debian-build.sh OUTPUT.qcow2
+# debian-build.sh [--variant cloud-init|login] OUTPUT.qcow2
 #
-# Build a generic, self-bootable (BIOS + GRUB) Debian bookworm qcow2 with
-# cloud-init, for pytest-flightvm. Run as root. The image has no users and
-# no keys: a NoCloud seed (ISO labelled "cidata") configures each instance.
+# Build a self-bootable Debian bookworm qcow2 for pytest-flightvm. Run as root.
+# One image boots three ways: BIOS (GRUB i386-pc in the MBR gap), UEFI and UEFI
+# with Secure Boot (shim-signed -> Debian's signed GRUB -> Debian's signed cloud
+# kernel, from an EFI system partition).
+#
+# Disk (MBR, 4 GiB virtual):
+#   p1  1 MiB .. 64 MiB   FAT16 "ESP", type ef: EFI/BOOT/BOOTX64.EFI (shim),
+#                         EFI/BOOT/grubx64.efi + mmx64.efi, EFI/debian/grub.cfg
+#   p2  64 MiB .. end     ext4 "root", bootable; /boot/grub/grub.cfg is the one menu
+# MBR rather than GPT: the BIOS path stays as it was (core.img in the post-MBR
+# gap, no bios_grub partition), and OVMF boots an MBR disk's type-ef partition.
+#
+# Variants:
+#   cloud-init (default)  no users and no keys: a NoCloud seed (ISO labelled
+#                         "cidata") configures each instance.
+#   login                 no cloud-init at all, like flightctl's own guest: user
+#                         "user", password "user", passwordless sudo, sshd with
+#                         password auth, eth0 by ifupdown DHCP, host keys made
+#                         at first boot.
+# Both carry qemu-guest-agent, tpm2-tools and mokutil.
 #
 # Environment:
+#   FLIGHTVM_DEBIAN_VARIANT the variant, when --variant is not given
 #   FLIGHTVM_DEBIAN_MIRROR  apt mirror for mmdebstrap (default: mmdebstrap's own)
 #   TMPDIR                  where the work dir goes (default: /var/tmp)
 #
@@ -22,17 +40,38 @@ exec 1>&2
 
 SUITE=bookworm
 DISK_SIZE_MIB=4096          # virtual size; qcow2 stores only what is used
-PART_START_SECTOR=2048      # 1 MiB
-PART_OFFSET=$((PART_START_SECTOR * 512))
-PACKAGES=systemd-sysv,linux-image-cloud-amd64,cloud-init,cloud-guest-utils,openssh-server,qemu-guest-agent,sudo,udev,ifupdown,isc-dhcp-client,netbase,iproute2,locales,ca-certificates,openssl,dbus
+ESP_START_SECTOR=2048       # 1 MiB
+ESP_SIZE_MIB=63             # shim + signed GRUB need ~5 MiB; FAT16 from here
+ROOT_START_SECTOR=131072    # 64 MiB
+ESP_OFFSET=$((ESP_START_SECTOR * 512))
+ROOT_OFFSET=$((ROOT_START_SECTOR * 512))
+# linux-image-cloud-amd64 is the signed kernel (source linux-signed-amd64): Secure
+# Boot lets it through. It has the TPM drivers built in (TCG_TIS, TCG_CRB) and
+# efivarfs as a module. shim-signed and grub-efi-amd64-signed are installed into
+# the guest so their files come from Debian's archive; their postinst only runs
+# grub-install on an EFI system with /boot/efi/EFI/debian, which the chroot is not.
+PACKAGES_COMMON=systemd-sysv,linux-image-cloud-amd64,openssh-server,qemu-guest-agent,sudo,udev,ifupdown,isc-dhcp-client,netbase,iproute2,locales,ca-certificates,openssl,dbus,shim-signed,grub-efi-amd64-signed,mokutil,tpm2-tools
+SHIM_EFI=usr/lib/shim/shimx64.efi.signed
+MOKMANAGER_EFI=usr/lib/shim/mmx64.efi.signed
+GRUB_EFI=usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed
 
 STEP="starting"
 say() { STEP=$*; printf 'build: %s\n' "$*" >&2; }
 die() { printf 'build: error: %s\n' "$1" >&2; exit "${2:-1}"; }   # die MESSAGE [CODE]
 
-if [[ $# -ne 1 || -z "$1" ]]; then
-    die "usage: $(basename "$0") OUTPUT.qcow2" 2
+VARIANT=${FLIGHTVM_DEBIAN_VARIANT:-cloud-init}
+if [[ $# -eq 3 && "$1" == --variant ]]; then
+    VARIANT=$2
+    shift 2
 fi
+if [[ $# -ne 1 || -z "$1" || "$1" == -* ]]; then
+    die "usage: $(basename "$0") [--variant cloud-init|login] OUTPUT.qcow2" 2
+fi
+case "$VARIANT" in
+    cloud-init) PACKAGES=$PACKAGES_COMMON,cloud-init,cloud-guest-utils ;;
+    login)      PACKAGES=$PACKAGES_COMMON ;;
+    *) die "unknown variant '$VARIANT'; use cloud-init or login" 2 ;;
+esac
 if [[ "$(id -u)" -ne 0 ]]; then
     die "must run as root (mmdebstrap, losetup and mount need it); rerun with sudo" 2
 fi
@@ -40,7 +79,8 @@ fi
 # tool:package, checked before anything is touched.
 for pair in mmdebstrap:mmdebstrap mke2fs:e2fsprogs sfdisk:fdisk losetup:mount \
             mount:mount umount:mount grub-install:grub2-common qemu-img:qemu-utils \
-            chroot:coreutils truncate:coreutils mktemp:coreutils; do
+            chroot:coreutils truncate:coreutils mktemp:coreutils \
+            mkfs.fat:dosfstools mmd:mtools mcopy:mtools; do
     tool=${pair%%:*} pkg=${pair#*:}
     command -v "$tool" >/dev/null 2>&1 \
         || die "$tool not found; install it with: apt-get install $pkg" 2
@@ -96,9 +136,9 @@ mkdir -p "$MNT"
 mirror_args=()
 if [[ -n "${FLIGHTVM_DEBIAN_MIRROR:-}" ]]; then
     mirror_args=("$FLIGHTVM_DEBIAN_MIRROR")
-    say "mmdebstrap $SUITE from $FLIGHTVM_DEBIAN_MIRROR"
+    say "mmdebstrap $SUITE ($VARIANT) from $FLIGHTVM_DEBIAN_MIRROR"
 else
-    say "mmdebstrap $SUITE from the default mirror"
+    say "mmdebstrap $SUITE ($VARIANT) from the default mirror"
 fi
 mmdebstrap --mode=root --variant=minbase --include="$PACKAGES" \
     --dpkgopt='path-exclude=/usr/share/man/*' \
@@ -127,9 +167,10 @@ ff02::2	ip6-allrouters
 HOSTS
 rm -f "$ROOT/etc/resolv.conf"   # dhclient writes it at boot
 
-# cloud-init's ifupdown renderer writes to interfaces.d; loopback stays here.
 mkdir -p "$ROOT/etc/network/interfaces.d"
-cat >"$ROOT/etc/network/interfaces" <<'IFACES'
+if [[ "$VARIANT" == cloud-init ]]; then
+    # cloud-init's ifupdown renderer writes to interfaces.d; loopback stays here.
+    cat >"$ROOT/etc/network/interfaces" <<'IFACES'
 # The NIC is configured by cloud-init (network-config) in interfaces.d.
 source /etc/network/interfaces.d/*
 
@@ -137,9 +178,9 @@ auto lo
 iface lo inet loopback
 IFACES
 
-# Only NoCloud (seed ISO labelled cidata): no probing of cloud metadata services.
-# 99_ sorts after Debian's 90_dpkg.cfg, so this datasource_list wins.
-cat >"$ROOT/etc/cloud/cloud.cfg.d/99_flightvm.cfg" <<'CLOUD'
+    # Only NoCloud (seed ISO labelled cidata): no probing of cloud metadata services.
+    # 99_ sorts after Debian's 90_dpkg.cfg, so this datasource_list wins.
+    cat >"$ROOT/etc/cloud/cloud.cfg.d/99_flightvm.cfg" <<'CLOUD'
 # pytest-flightvm base image
 datasource_list: [ NoCloud, None ]
 # The locale is generated at build time; nothing to do at boot.
@@ -149,10 +190,43 @@ manage_etc_hosts: true
 # Host keys per instance; RSA/DSA generation costs seconds under TCG.
 ssh_deletekeys: true
 ssh_genkeytypes: [ ed25519, ecdsa ]
-# No GRUB package in the guest (it is installed from the build host).
+# Never touch GRUB from the guest (the image's boot loaders are written at build time).
 grub_dpkg:
   enabled: false
 CLOUD
+else
+    # login: a baked login and a plain DHCP NIC, as flightctl's own guest has.
+    cat >"$ROOT/etc/network/interfaces" <<'IFACES'
+source /etc/network/interfaces.d/*
+
+auto lo
+iface lo inet loopback
+
+allow-hotplug eth0
+iface eth0 inet dhcp
+IFACES
+    chroot "$ROOT" useradd --create-home --shell /bin/bash --groups sudo user
+    echo 'user:user' | chroot "$ROOT" chpasswd
+    echo 'user ALL=(ALL) NOPASSWD:ALL' >"$ROOT/etc/sudoers.d/90-flightvm-user"
+    chmod 0440 "$ROOT/etc/sudoers.d/90-flightvm-user"
+    cat >"$ROOT/etc/ssh/sshd_config.d/10-flightvm-login.conf" <<'SSHD'
+# pytest-flightvm "login" image: user/user logs in with a password.
+PasswordAuthentication yes
+SSHD
+fi
+
+# grub2-common (pulled in by shim-signed) runs update-grub after an in-guest kernel
+# install once /boot/grub/grub.cfg exists; this keeps a regenerated menu on the
+# serial console with the same command line.
+mkdir -p "$ROOT/etc/default/grub.d"
+cat >"$ROOT/etc/default/grub.d/90-flightvm.cfg" <<'GRUBDEFAULT'
+GRUB_TIMEOUT=0
+GRUB_CMDLINE_LINUX_DEFAULT=""
+GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8 net.ifnames=0 mitigations=off"
+GRUB_TERMINAL="serial console"
+GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200 --word=8 --parity=no --stop=1"
+GRUB_DISABLE_OS_PROBER=true
+GRUBDEFAULT
 
 # Locale: generated now so cloud-init's cc_locale has nothing to do.
 sed -i 's/^# *\(en_US.UTF-8 UTF-8\)/\1/' "$ROOT/etc/locale.gen"
@@ -170,8 +244,10 @@ done
 
 # Per-instance identity: no ssh host keys (generated at first boot), empty machine-id.
 rm -f "$ROOT"/etc/ssh/ssh_host_*
-# Fallback: if cloud-init made no host key at all (no seed, or ssh module off),
-# make them here so sshd still starts. sshd skips the key types that are absent.
+# Fallback (the only source in the login variant): if cloud-init made no host
+# key at all (no seed, ssh module off, or no cloud-init), make them here so sshd
+# still starts. Only ed25519 and ecdsa: an RSA key costs seconds under TCG, and
+# sshd skips the key types that are absent.
 mkdir -p "$ROOT/etc/systemd/system/ssh.service.d"
 cat >"$ROOT/etc/systemd/system/ssh.service.d/10-flightvm-hostkeys.conf" <<'UNIT'
 [Unit]
@@ -179,7 +255,7 @@ After=cloud-init.service
 
 [Service]
 ExecStartPre=
-ExecStartPre=/bin/sh -c 'ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || /usr/bin/ssh-keygen -A'
+ExecStartPre=/bin/sh -c 'ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || { /usr/bin/ssh-keygen -q -N "" -t ed25519 -f /etc/ssh/ssh_host_ed25519_key && /usr/bin/ssh-keygen -q -N "" -t ecdsa -f /etc/ssh/ssh_host_ecdsa_key; }'
 ExecStartPre=/usr/sbin/sshd -t
 UNIT
 : >"$ROOT/etc/machine-id"
@@ -197,27 +273,57 @@ if [[ -L "$ROOT/vmlinuz" && -L "$ROOT/initrd.img" ]]; then
 else
     K_PATH=/boot/$KERNEL I_PATH=/boot/$INITRD
 fi
+for f in "$SHIM_EFI" "$MOKMANAGER_EFI" "$GRUB_EFI"; do
+    [[ -f "$ROOT/$f" ]] || die "/$f missing in the root filesystem (shim-signed / grub-efi-amd64-signed changed?)"
+done
+# The EFI binaries go to the ESP; they stay in the root filesystem too (dpkg owns them).
+mkdir -p "$WORK/esp"
+cp "$ROOT/$SHIM_EFI" "$WORK/esp/BOOTX64.EFI"
+cp "$ROOT/$MOKMANAGER_EFI" "$WORK/esp/mmx64.efi"
+cp "$ROOT/$GRUB_EFI" "$WORK/esp/grubx64.efi"
 
-say "partitioning a ${DISK_SIZE_MIB} MiB disk"
-PART_SIZE_MIB=$((DISK_SIZE_MIB - 1))
+say "partitioning a ${DISK_SIZE_MIB} MiB disk (ESP ${ESP_SIZE_MIB} MiB + root)"
+ROOT_SIZE_MIB=$((DISK_SIZE_MIB - ROOT_OFFSET / 1048576))
 truncate -s "${DISK_SIZE_MIB}M" "$WORK/disk.raw"
-printf 'label: dos\nstart=%d, type=83, bootable\n' "$PART_START_SECTOR" \
+printf 'label: dos\nstart=%d, size=%dMiB, type=ef\nstart=%d, type=83, bootable\n' \
+    "$ESP_START_SECTOR" "$ESP_SIZE_MIB" "$ROOT_START_SECTOR" \
     | sfdisk --quiet "$WORK/disk.raw"
 
 # mke2fs -d fills the filesystem from the directory, no mount needed. Writing it
 # straight into the partition (-E offset) replaces "mke2fs part.img; dd" and
 # skips copying a 4 GiB sparse file (~10 s).
-say "making ext4 in the partition (kernel ${KERNEL#vmlinuz-})"
-mke2fs -q -t ext4 -L root -E offset="$PART_OFFSET" -d "$ROOT" "$WORK/disk.raw" "${PART_SIZE_MIB}M"
+say "making ext4 in the root partition (kernel ${KERNEL#vmlinuz-})"
+mke2fs -q -t ext4 -L root -E offset="$ROOT_OFFSET" -d "$ROOT" "$WORK/disk.raw" "${ROOT_SIZE_MIB}M"
 rm -rf --one-file-system -- "$ROOT"
+
+# The ESP, also without a mount: mkfs.fat --offset, then mtools on image@@offset.
+# Debian's signed GRUB has /EFI/debian as its built-in prefix and reads grub.cfg
+# there; that file hands over to the root filesystem's menu, the same one BIOS uses.
+say "making the EFI system partition (shim, signed GRUB)"
+cat >"$WORK/esp/grub.cfg" <<'GRUB'
+search --no-floppy --label root --set=root
+set prefix=($root)/boot/grub
+configfile ($root)/boot/grub/grub.cfg
+GRUB
+# (mkfs.fat warns that the file is larger than the FAT it was asked for: expected here.)
+mkfs.fat -F 16 -n ESP --offset="$ESP_START_SECTOR" "$WORK/disk.raw" $((ESP_SIZE_MIB * 1024)) \
+    2>&1 >/dev/null | { grep -v '^Warning: block count mismatch' || true; }
+ESP_IMG="$WORK/disk.raw@@$ESP_OFFSET"
+export MTOOLS_SKIP_CHECK=1
+mmd -i "$ESP_IMG" ::/EFI ::/EFI/BOOT ::/EFI/debian
+mcopy -i "$ESP_IMG" "$WORK/esp/BOOTX64.EFI" "$WORK/esp/grubx64.efi" "$WORK/esp/mmx64.efi" \
+    "$WORK/esp/grub.cfg" ::/EFI/BOOT/
+mcopy -i "$ESP_IMG" "$WORK/esp/grub.cfg" ::/EFI/debian/
 
 say "installing GRUB (BIOS)"
 LOOP_DISK=$(losetup -f --show "$WORK/disk.raw")
-LOOP_PART=$(losetup -f --show -o "$PART_OFFSET" "$WORK/disk.raw")
+LOOP_PART=$(losetup -f --show -o "$ROOT_OFFSET" "$WORK/disk.raw")
 mount "$LOOP_PART" "$MNT"
 grub-install --target=i386-pc --boot-directory="$MNT/boot" \
     --modules="part_msdos ext2" --no-floppy "$LOOP_DISK" 2>&1 | sed 's/^/grub-install: /'
 [[ -f "$MNT/boot/grub/i386-pc/core.img" ]] || die "grub-install produced no core.img"
+# The one menu for BIOS and UEFI. Under Secure Boot the signed GRUB cannot load
+# modules from disk; every insmod below names a module built into it.
 cat >"$MNT/boot/grub/grub.cfg" <<GRUB
 serial --unit=0 --speed=115200 --word=8 --parity=no --stop=1
 terminal_input serial console

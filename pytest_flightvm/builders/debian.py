@@ -1,23 +1,31 @@
 """The built-in Debian bookworm builder: the zero-config default base image.
 
 ``DebianBuilder().build(out)`` runs ``debian-build.sh`` (next to this file) as
-root. The script makes a generic BIOS+GRUB qcow2 with cloud-init (NoCloud
-only), no users and no keys. ``identity`` hashes the script's bytes, so any
-edit to the script changes the cache key. Nothing here imports pytest.
+root. The script makes a qcow2 that boots under BIOS (GRUB), UEFI and UEFI
+Secure Boot (shim -> signed GRUB -> signed kernel), in one of two variants:
+``cloud-init`` (the default: NoCloud only, no users and no keys) or ``login``
+(no cloud-init; user ``user``, password ``user``, like flightctl's own guest).
+``identity`` names the variant and hashes the script's bytes, so any edit to
+the script changes the cache key. Nothing here imports pytest.
+
+``python -m pytest_flightvm.builders.debian [--variant login] OUTPUT`` runs the
+same build from a shell, e.g. as a ``--flightvm-build-cmd``.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import hashlib
 import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import BuildError, ConfigError, ToolMissingError
+from ..errors import BuildError, ConfigError, FlightVMError, ToolMissingError
 
 Log = Callable[[str], None]
 
@@ -36,7 +44,13 @@ TOOLS: tuple[tuple[str, str], ...] = (
     ("grub-install", "grub2-common"),
     ("qemu-img", "qemu-utils"),
     ("chroot", "coreutils"),
+    ("mkfs.fat", "dosfstools"),
+    ("mmd", "mtools"),
+    ("mcopy", "mtools"),
 )
+# The image variants the script knows; the first is the default.
+VARIANTS: tuple[str, ...] = ("cloud-init", "login")
+DEFAULT_VARIANT = VARIANTS[0]
 GRUB_BIOS_DIR = Path("/usr/lib/grub/i386-pc")
 # The script appends these to PATH; a non-login root shell may lack them.
 EXTRA_PATH = ("/usr/sbin", "/sbin")
@@ -55,12 +69,22 @@ def _search_path() -> str:
 
 
 class DebianBuilder:
-    """Builds a Debian bookworm + cloud-init qcow2 with mmdebstrap (needs root)."""
+    """Builds a Debian bookworm qcow2 (BIOS + UEFI + Secure Boot) with mmdebstrap (needs root)."""
 
-    name = "debian-bookworm"
-
-    def __init__(self, script: Path | None = None) -> None:
+    def __init__(self, script: Path | None = None, *, variant: str = DEFAULT_VARIANT) -> None:
+        if variant not in VARIANTS:
+            raise ConfigError(
+                f"unknown Debian image variant {variant!r}; use one of: {', '.join(VARIANTS)}"
+            )
         self._script = script
+        self.variant = variant
+
+    @property
+    def name(self) -> str:
+        """``debian-bookworm`` for the default variant, ``debian-bookworm-<variant>`` else."""
+        if self.variant == DEFAULT_VARIANT:
+            return "debian-bookworm"
+        return f"debian-bookworm-{self.variant}"
 
     @property
     def script(self) -> Path:
@@ -78,7 +102,7 @@ class DebianBuilder:
         return f"{self.name}:{hashlib.sha256(data).hexdigest()}"
 
     def __repr__(self) -> str:
-        return f"DebianBuilder({str(self.script)!r})"
+        return f"DebianBuilder({str(self.script)!r}, variant={self.variant!r})"
 
     def check_host(self) -> None:
         """ConfigError / ToolMissingError (one actionable line) if this host cannot build."""
@@ -114,7 +138,7 @@ class DebianBuilder:
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         try:
             proc = subprocess.Popen(
-                ["bash", str(self.script), str(output)],
+                ["bash", str(self.script), "--variant", self.variant, str(output)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,  # the script sends everything to stderr
@@ -190,3 +214,33 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except (ProcessLookupError, PermissionError):
             proc.kill()
         proc.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pytest_flightvm.builders.debian [--variant V] OUTPUT``: build, print the path.
+
+    Progress lines go to stderr; an error is one ``flightvm: ...`` line with the
+    error's exit code (2 = fix the host or the call)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pytest_flightvm.builders.debian",
+        description="Build the built-in Debian bookworm qcow2 (run as root).",
+    )
+    parser.add_argument("--variant", choices=VARIANTS, default=DEFAULT_VARIANT,
+                        help="cloud-init (default) or login (user/user, no cloud-init)")
+    parser.add_argument("output", type=Path, help="where to write the qcow2")
+    args = parser.parse_args(argv)
+    builder = DebianBuilder(variant=args.variant)
+    try:
+        builder.build(args.output, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except FlightVMError as exc:
+        print(f"flightvm: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("flightvm: interrupted; the build was stopped and cleaned up", file=sys.stderr)
+        return 130
+    print(Path(args.output).absolute())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -83,6 +83,34 @@ def test_identity_of_a_missing_script_is_a_build_error(
         _ = DebianBuilder().identity
 
 
+def test_login_variant_has_its_own_identity(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    script = tmp_path / "debian-build.sh"
+    script.write_text("#!/bin/bash\necho one\n")
+    monkeypatch.setattr(debian, "SCRIPT", script)
+    default, login = DebianBuilder(), DebianBuilder(variant="login")
+    digest = hashlib.sha256(script.read_bytes()).hexdigest()
+    assert default.variant == "cloud-init"
+    assert default.identity == f"debian-bookworm:{digest}"
+    assert login.identity == f"debian-bookworm-login:{digest}"
+    assert login.identity != default.identity
+    assert DebianBuilder(variant="cloud-init").identity == default.identity
+    assert "variant='login'" in repr(login)
+    # a script edit changes the login key too
+    script.write_text("#!/bin/bash\necho two\n")
+    assert login.identity != f"debian-bookworm-login:{digest}"
+
+
+@pytest.mark.parametrize("variant", ["", "Login", "login ", "cloud", "../x"])
+def test_unknown_variant_is_one_config_line(variant: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        DebianBuilder(variant=variant)
+    msg = str(info.value)
+    assert "\n" not in msg and "cloud-init, login" in msg
+    assert info.value.exit_code == 2
+
+
 # --- host checks --------------------------------------------------------------
 
 
@@ -123,7 +151,9 @@ def test_missing_tool_from_an_empty_path(
 
 
 @pytest.mark.parametrize(("tool", "package"), [("sfdisk", "fdisk"), ("qemu-img", "qemu-utils"),
-                                               ("grub-install", "grub2-common")])
+                                               ("grub-install", "grub2-common"),
+                                               ("mkfs.fat", "dosfstools"), ("mmd", "mtools"),
+                                               ("mcopy", "mtools")])
 def test_each_missing_tool_names_its_package(
     tmp_path: Path, fake_host: Path, tool: str, package: str
 ) -> None:
@@ -192,13 +222,25 @@ def test_failure_headline_prefers_the_apt_root_cause(tmp_path: Path, fake_host: 
 def test_success_streams_and_passes_output(tmp_path: Path, fake_host: Path) -> None:
     script = _exe(
         tmp_path / "ok.sh",
-        "#!/bin/bash\necho 'build: working' >&2\nprintf 'QFI\\373' > \"$1\"\n",
+        "#!/bin/bash\necho 'build: working' >&2\nprintf 'QFI\\373' > \"${@: -1}\"\n",
     )
     out = tmp_path / "out.qcow2"
     lines: list[str] = []
     DebianBuilder(script).build(out, log=lines.append)
     assert out.read_bytes() == b"QFI\xfb"
     assert lines == ["build: working"]
+
+
+def test_the_variant_reaches_the_script_as_an_argument(tmp_path: Path, fake_host: Path) -> None:
+    script = _exe(
+        tmp_path / "args.sh",
+        "#!/bin/bash\necho \"build: args $*\" >&2\nprintf 'QFI\\373' > \"${@: -1}\"\n",
+    )
+    out = tmp_path / "out.qcow2"
+    for variant in ("login", "cloud-init"):
+        lines: list[str] = []
+        DebianBuilder(script, variant=variant).build(out, log=lines.append)
+        assert lines == [f"build: args --variant {variant} {out}"]
 
 
 def test_exit_zero_without_output_is_an_error(tmp_path: Path, fake_host: Path) -> None:
@@ -254,3 +296,69 @@ def test_script_usage_error(tmp_path: Path) -> None:
                          text=True, timeout=30)
     assert res.returncode == 2
     assert "usage:" in res.stderr
+
+
+def test_script_rejects_an_unknown_variant_with_one_line(tmp_path: Path) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    for argv, extra_env in (
+        (["--variant", "bogus", str(tmp_path / "o.qcow2")], {}),
+        ([str(tmp_path / "o.qcow2")], {"FLIGHTVM_DEBIAN_VARIANT": "bogus"}),
+    ):
+        res = subprocess.run(["/bin/bash", str(debian.SCRIPT), *argv], env={**env, **extra_env},
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == 2
+        assert res.stderr.strip().splitlines() == [
+            "build: error: unknown variant 'bogus'; use cloud-init or login"
+        ]
+    assert not (tmp_path / "o.qcow2").exists()
+
+
+@pytest.mark.parametrize("argv", [["--variant"], ["--variant", "login"], ["--bogus", "out.qcow2"],
+                                  ["a.qcow2", "b.qcow2"]])
+def test_script_usage_errors_for_bad_arguments(tmp_path: Path, argv: list[str]) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    res = subprocess.run(["/bin/bash", str(debian.SCRIPT), *argv], env=env, capture_output=True,
+                         text=True, timeout=30, cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "build: error: usage: debian-build.sh [--variant cloud-init|login] OUTPUT.qcow2"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- python -m pytest_flightvm.builders.debian --------------------------------
+
+
+def test_main_builds_the_variant_and_prints_the_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake_host: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    script = _exe(
+        tmp_path / "ok.sh",
+        "#!/bin/bash\necho \"build: variant $2\" >&2\nprintf 'QFI\\373' > \"$3\"\n",
+    )
+    monkeypatch.setattr(debian, "SCRIPT", script)
+    out = tmp_path / "login.qcow2"
+    assert debian.main(["--variant", "login", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+    assert "build: variant login" in captured.err
+    assert out.read_bytes() == b"QFI\xfb"
+
+
+def test_main_reports_errors_as_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(debian.os, "geteuid", lambda: 1000)
+    assert debian.main([str(tmp_path / "out.qcow2")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flightvm: ") and "root" in lines[0]
+
+
+def test_main_rejects_an_unknown_variant(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        debian.main(["--variant", "bogus", "out.qcow2"])
+    assert info.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
