@@ -41,7 +41,7 @@ class Option:
     cli: str | None = None  # --flightvm-... (pytest); the flightvm CLI uses ``cli_short``
     ini: str | None = None
     env: tuple[str, ...] = ()
-    kind: str = "str"  # str | path | bool | int | float | choice | linelist
+    kind: str = "str"  # str | path | bool | int | float | choice | linelist | ports | hostname
     choices: tuple[str, ...] = ()
     cli_short: str | None = None  # flag name on the ``flightvm`` CLI
 
@@ -101,6 +101,15 @@ OPTIONS: tuple[Option, ...] = (
            "flightvm_cpu", ("FLIGHTVM_CPU",)),
     Option("metrics", "write run metrics as JSON to this file", "--flightvm-metrics",
            "flightvm_metrics", ("FLIGHTVM_METRICS",), kind="path"),
+    Option("host_ports", "a host port (on 127.0.0.1) the guest may reach at vm.host_address; "
+           "repeat for more (default: none, the guest reaches nothing on the host)",
+           "--flightvm-host-port", "flightvm_host_ports", kind="ports"),
+    Option("host_alias", "a name for the host in the guest's /etc/hosts (-> vm.host_address)",
+           "--flightvm-host-alias", "flightvm_host_alias", kind="hostname"),
+    Option("guest_outbound", "open the guest's network: every 127.0.0.1 port of the host "
+           "(at 10.0.2.2) and the outside world (default: closed)",
+           "--flightvm-guest-outbound", "flightvm_guest_outbound", ("FLIGHTVM_GUEST_OUTBOUND",),
+           kind="bool"),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -155,6 +164,9 @@ class Settings:
     tpm: bool = False
     cpu: str | None = None
     metrics: Path | None = None
+    host_ports: tuple[int, ...] = ()
+    host_alias: str | None = None
+    guest_outbound: bool = False
     rootdir: Path = field(default_factory=Path.cwd)
     arch: str = field(default_factory=host_arch)
 
@@ -181,9 +193,54 @@ def _parse_bool(raw: Any, where: str) -> bool:
     raise ConfigError(f"{where}: expected true or false, got {raw!r}")
 
 
+_HOST_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"^{_HOST_LABEL}(?:\.{_HOST_LABEL})*$", re.IGNORECASE)
+
+
+def parse_ports(raw: Any, where: str) -> tuple[int, ...]:
+    """Host ports from a CLI list, an ini line list or a marker list: each 1-65535,
+    given as a number; duplicates dropped, order kept."""
+    if isinstance(raw, (str, int)):
+        raw = str(raw).replace(",", " ").split()
+    ports: list[int] = []
+    try:
+        items = list(raw)
+    except TypeError:
+        raise ConfigError(f"{where}: expected a list of port numbers, got {raw!r}") from None
+    for item in items:
+        for part in (str(item).replace(",", " ").split() if not isinstance(item, int) else [item]):
+            if isinstance(part, bool):
+                raise ConfigError(f"{where}: expected a port number (1-65535), got {part!r}")
+            try:
+                port = int(part)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: expected a port number (1-65535), got {part!r}") \
+                    from None
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"{where}: port {port} is out of range; use 1-65535")
+            if port not in ports:
+                ports.append(port)
+    return tuple(ports)
+
+
+def parse_hostname(raw: Any, where: str) -> str | None:
+    """A host name for /etc/hosts: letters, digits, '-' and dots, at most 253 characters."""
+    text = str(raw).strip()
+    if not text:
+        return None
+    if len(text) > 253 or not _HOSTNAME_RE.match(text) or text.lower() == "localhost":
+        raise ConfigError(f"{where}: {raw!r} is not a usable host name; use letters, digits, "
+                          "'-' and dots, e.g. flightctl.host")
+    return text
+
+
 def _convert(opt: Option, raw: Any, where: str, rootdir: Path) -> Any:
     if opt.kind == "bool":
         return _parse_bool(raw, where)
+    if opt.kind == "ports":
+        return parse_ports(raw, where)
+    if opt.kind == "hostname":
+        return parse_hostname(raw, where)
     if opt.kind == "linelist":
         if isinstance(raw, str):
             raw = raw.splitlines()

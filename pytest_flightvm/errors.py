@@ -95,6 +95,10 @@ class ResetFailed(FlightVMError):
     """A per-test reset (restore, snapshot revert) failed or hung; the pool boots afresh."""
 
 
+class HostPortError(FlightVMError):
+    """A named host port could not be made reachable from the guest."""
+
+
 class GuestCommandError(FlightVMError):
     """A command run in the guest exited non-zero (``run(check=True)``)."""
 

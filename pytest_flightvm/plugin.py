@@ -47,12 +47,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 if opt.name == "push":
                     group.addoption("--flightvm-no-push", action="store_const", const=False,
                                     dest="flightvm_push", help="never push after a build")
+            elif opt.kind == "ports":  # repeatable
+                group.addoption(opt.cli, action="append", default=None, metavar="PORT",
+                                dest=f"flightvm_{opt.name}", help=opt.help)
             else:
                 group.addoption(opt.cli, action="store", default=None,
                                 dest=f"flightvm_{opt.name}", help=opt.help,
                                 choices=list(opt.choices) or None)
         if opt.ini:
-            if opt.kind == "linelist":
+            if opt.kind in ("linelist", "ports"):
                 parser.addini(opt.ini, opt.help, type="linelist", default=[])
             else:
                 parser.addini(opt.ini, opt.help, type="string", default=None)
@@ -95,7 +98,8 @@ class _XdistHooks:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "flightvm(memory=None, vcpus=None, user_data=None, reset=None): per-test VM overrides",
+        "flightvm(memory=None, vcpus=None, user_data=None, reset=None, host_ports=None): "
+        "per-test VM overrides",
     )
     try:
         settings = _settings_from(config)
@@ -273,11 +277,13 @@ def flightvm_factory(_flightvm_core: VMFactory, pytestconfig: pytest.Config) -> 
 
     class Factory:
         def create(self, *, name: str | None = None, memory: int | None = None,
-                   vcpus: int | None = None, user_data: dict[str, Any] | None = None) -> Machine:
+                   vcpus: int | None = None, user_data: dict[str, Any] | None = None,
+                   host_ports: list[int] | tuple[int, ...] | None = None) -> Machine:
             with _one_line_errors():
+                ports = _host_ports(_flightvm_core.settings, host_ports, "flightvm_factory.create")
                 vm = _flightvm_core.create(VMRequest(
                     name=name, memory=memory, vcpus=vcpus,
-                    user_data=(user_data,) if user_data else ()))
+                    user_data=(user_data,) if user_data else (), host_ports=ports))
             pytestconfig.hook.pytest_flightvm_vm_ready(vm=vm)
             return vm
 
@@ -320,11 +326,19 @@ def _marker_overrides(request: pytest.FixtureRequest) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for mark in reversed(list(request.node.iter_markers("flightvm"))):
         merged.update(mark.kwargs)
-    unknown = set(merged) - {"memory", "vcpus", "user_data", "reset"}
+    unknown = set(merged) - {"memory", "vcpus", "user_data", "reset", "host_ports"}
     if unknown:
         _fail_setup(ConfigError(f"marker flightvm: unknown argument(s) {sorted(unknown)}; "
-                                "use memory, vcpus, user_data or reset"))
+                                "use memory, vcpus, user_data, reset or host_ports"))
     return merged
+
+
+def _host_ports(settings: Settings, extra: Any, where: str) -> tuple[int, ...]:
+    """The configured host ports plus those a marker or a factory call adds."""
+    from .config import parse_ports
+
+    return tuple(dict.fromkeys(settings.host_ports
+                               + (parse_ports(extra, where) if extra is not None else ())))
 
 
 def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[str, Any],
@@ -333,16 +347,24 @@ def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[s
     marks = _marker_overrides(request)
     reset = marks.get("reset") or settings.reset
     user_datas = tuple(u for u in (user_data, marks.get("user_data")) if u)
+    try:
+        host_ports = _host_ports(settings, marks.get("host_ports"), "marker flightvm host_ports")
+    except ConfigError as exc:
+        _fail_setup(exc)
+    # The pool's VM boots (and is snapshotted) with no forwards; they are opened per test
+    # below, after any reset, so a marker's ports cost a forward, not a boot.
     req = VMRequest(memory=marks.get("memory"), vcpus=marks.get("vcpus"),
                     user_data=user_datas + extra.get("user_data", ()),
                     seed_payload=extra.get("seed_payload", {}),
-                    ready_checks=extra.get("ready_checks", ()))
+                    ready_checks=extra.get("ready_checks", ()), host_ports=())
     pool = _pool(request, pool_name, profile)
     try:
         before = len(pool.resets)
         vm = pool.acquire(req, reset)
         resets = request.config.stash[_state_key].setdefault("resets", [])
         resets.extend({**r, "test": request.node.nodeid} for r in pool.resets[before:])
+        # a reset rolled the guest back under the forwarding connection: open it again
+        vm.set_host_ports(host_ports, reopen=len(pool.resets) > before)
     except BootError as exc:
         failed_vm: Machine | None = getattr(exc, "machine", None)
         if failed_vm is not None:

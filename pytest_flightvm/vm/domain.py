@@ -2,7 +2,8 @@
 
 Choices that HOST-NOTES measured on this kind of host:
 - the seed ISO sits on a virtio-scsi cdrom (Debian's cloud kernel has no AHCI);
-- networking is QEMU user-mode with an SSH forward bound to 127.0.0.1, passed
+- networking is QEMU user-mode (closed with ``restrict=on`` unless the suite opts
+  into outbound access) with an SSH forward bound to 127.0.0.1, passed
   through ``qemu:commandline`` with an explicit PCI slot (libvirt 9's passt
   backend does not work here);
 - a static DAC label with ``relabel='no'`` makes QEMU run as root and keeps
@@ -63,6 +64,18 @@ def random_mac() -> str:
     return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
 
 
+def netdev_arg(ssh_port: int, *, outbound: bool) -> str:
+    """QEMU's ``-netdev`` value: user-mode networking with the SSH forward on loopback.
+
+    Closed unless ``outbound``: ``restrict=on`` keeps DHCP and the hostfwd working and
+    drops every packet the guest sends elsewhere, so the host's 127.0.0.1 services
+    (slirp maps them to 10.0.2.2) and the outside world are unreachable (HOST-NOTES,
+    "Closing the guest network").
+    """
+    restrict = "" if outbound else ",restrict=on"
+    return f"user,id=fvmnet0{restrict},hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
+
+
 @dataclass(frozen=True)
 class DomainSpec:
     name: str
@@ -81,6 +94,9 @@ class DomainSpec:
     nvram: Path | None = None  # this VM's copy of the UEFI variable store
     tpm: bool = False
     cpu_model: str | None = None
+    # False: slirp's restrict=on, the guest reaches nothing on the host or beyond it
+    # (DHCP and the SSH hostfwd still work); True: --flightvm-guest-outbound.
+    outbound: bool = False
 
     def _os_xml(self) -> str:
         fw = self.firmware
@@ -121,7 +137,7 @@ class DomainSpec:
     </disk>"""
         files = "".join(f"<flightvm:file>{escape(str(p))}</flightvm:file>" for p in self.files)
         o = self.owner
-        netdev = f"user,id=fvmnet0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
+        netdev = netdev_arg(self.ssh_port, outbound=self.outbound)
         # romfile= skips the iPXE option ROM: we never network-boot.
         nic = f"virtio-net-pci,netdev=fvmnet0,mac={self.mac},bus=pcie.0,addr=0x10,romfile="
         return f"""<domain type='{dom_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>

@@ -28,6 +28,8 @@ from ..statedir import ensure_cache_dir, private_dir
 from . import accel as accel_mod
 from . import firmware as fw_mod
 from .domain import NAME_PREFIX, DomainSpec, Owner, random_mac, vm_name_problem
+from .hostkey import HostKey, generate_host_key, write_known_hosts
+from .hostports import HOST_ADDRESS, alias_user_data, install_host_alias
 from .libvirt_conn import connect
 from .machine import Machine, ReadyCheck
 from .ports import release_port, reserve_port
@@ -73,6 +75,9 @@ class VMRequest:
     user_data: tuple[Mapping[str, Any], ...] = ()
     seed_payload: Mapping[str, bytes] = field(default_factory=dict)
     ready_checks: tuple[ReadyCheck, ...] = ()
+    # Host ports this VM may reach (None: the settings' --flightvm-host-port list). Not part
+    # of spec_key: a pooled VM changes its forwards in a second, without a new boot.
+    host_ports: tuple[int, ...] | None = None
 
     def spec_key(self) -> tuple[Any, ...]:
         """What makes two requests interchangeable for VM reuse."""
@@ -170,7 +175,12 @@ class VMFactory:
         port = reserve_port()
         mac = random_mac()
         iso = vm_dir / "seed.iso"
-        self._write_seed(name, mac, request, iso)
+        # Our own seed pins a host key made for this VM; a cloud-init dir packed as-is
+        # cannot carry it, so the first contact pins whatever key the guest shows.
+        host_key = (generate_host_key(vm_dir, name)
+                    if self.settings.cloud_init_dir is None else None)
+        known_hosts = write_known_hosts(vm_dir, "127.0.0.1", port, host_key)
+        self._write_seed(name, mac, request, iso, host_key)
         overlay = vm_dir / "overlay.qcow2"
         console = vm_dir / "console.log"
         nvram = fw_mod.new_nvram(self.firmware, vm_dir / "nvram.fd")
@@ -181,9 +191,12 @@ class VMFactory:
             vcpus=request.vcpus or self.settings.vcpus, accel=accel,
             files=(vm_dir,), firmware=self.firmware, nvram=nvram, tpm=self.settings.tpm,
             cpu_model=self.settings.cpu,
+            outbound=self.settings.guest_outbound,
         )
+        ssh = SSHClient(port, self.key_path, USERNAME, known_hosts=known_hosts,
+                        host_key_check="yes" if host_key is not None else "accept-new")
         machine = Machine(
-            self.conn, spec, SSHClient(port, self.key_path, USERNAME),
+            self.conn, spec, ssh,
             base=self.base_image, vm_dir=vm_dir,
             boot_timeout=accel_mod.timeout_for(accel, self.settings.boot_timeout),
             ready_checks=request.ready_checks, console_out=self.console_out,
@@ -192,6 +205,10 @@ class VMFactory:
         self.machines.append(machine)
         try:
             machine.boot()
+            if self.settings.host_alias and host_key is None:  # no seed of ours: over SSH
+                install_host_alias(machine.run, self.settings.host_alias, HOST_ADDRESS)
+            machine.set_host_ports(request.host_ports if request.host_ports is not None
+                                   else self.settings.host_ports)
         except KVMUnusable:
             self.discard(machine, port=port)
             raise
@@ -205,12 +222,17 @@ class VMFactory:
         self.booted.append(machine)
         return machine
 
-    def _write_seed(self, name: str, mac: str, request: VMRequest, iso: Path) -> None:
+    def _write_seed(self, name: str, mac: str, request: VMRequest, iso: Path,
+                    host_key: HostKey | None = None) -> None:
         if self.settings.cloud_init_dir is not None:
             files = load_cloud_init_dir(self.settings.cloud_init_dir)
             write_iso(files, iso)
             return
         overrides = [dict(u) for u in request.user_data]
+        if host_key is not None:
+            overrides.insert(0, host_key.user_data())
+        if self.settings.host_alias:
+            overrides.insert(0, alias_user_data(self.settings.host_alias, HOST_ADDRESS))
         if self.user_data_hook is not None:
             extra: dict[str, Any] = {}
             self.user_data_hook(name, extra)

@@ -20,6 +20,7 @@ from ..errors import BootError, GuestCommandError, KVMUnusable, LibvirtError
 from .accel import KVM_PROGRESS_SECONDS
 from .disk import create_overlay
 from .domain import DomainSpec
+from .hostports import HOST_ADDRESS, HostPorts
 from .libvirt_conn import error_text, undefine
 from .ready import (
     CLOUD_INIT_PROBE,
@@ -74,6 +75,8 @@ class Machine:
         # True while KVM is unproven on this host: a stall means "KVM unusable".
         self.kvm_probation = False
         self._started_at = 0.0
+        self._host_ports = HostPorts(ssh, spec.name)
+        self.host_port_seconds: list[float] = []  # time to (re)open the forwards, each time
 
     # ---------------------------------------------------------------- identity
     @property
@@ -87,6 +90,38 @@ class Machine:
     @property
     def accel(self) -> str:
         return self.spec.accel
+
+    @property
+    def host_address(self) -> str:
+        """Where the guest reaches the host ports the suite named (``--flightvm-host-port``,
+        marker ``host_ports``): the guest's own loopback, forwarded over SSH to the host's
+        127.0.0.1. With ``--flightvm-guest-outbound`` the guest also reaches every host
+        loopback port at 10.0.2.2."""
+        return HOST_ADDRESS
+
+    @property
+    def host_ports(self) -> tuple[int, ...]:
+        """The host ports the guest can reach now."""
+        return self._host_ports.ports
+
+    def set_host_ports(self, ports: tuple[int, ...] | list[int], *, reopen: bool = False) -> None:
+        """Make exactly ``ports`` (host 127.0.0.1 ports) reachable at ``host_address``.
+
+        Cheap when nothing changed; ``reopen=True`` re-establishes the forwards (call it
+        after anything that rolls the guest back: a snapshot revert or a restore)."""
+        seconds = self._host_ports.open(tuple(ports), reopen=reopen)
+        if seconds:
+            self.host_port_seconds.append(seconds)
+
+    def reopen_host_ports(self) -> None:
+        """Re-establish the current forwards: after a revert, restore or reboot."""
+        self.set_host_ports(self._host_ports.ports, reopen=True)
+
+    def close_host_ports(self) -> None:
+        """Drop the forwarding connection, e.g. before saving the guest's state. The
+        guest's sshd ends that session's listeners once it sees the connection close;
+        a listener left in a saved state is ended by the next ``reopen_host_ports``."""
+        self._host_ports.close()
 
     def ssh_command(self) -> str:
         return self.ssh.command()
@@ -164,6 +199,11 @@ class Machine:
     def _guest_ready(self) -> bool:
         res = self.ssh.run(CLOUD_INIT_PROBE, check=False, timeout=20, connect_timeout=3)
         if res.returncode == 255:  # ssh itself failed: not up yet
+            if "Host key verification failed" in res.stderr:
+                raise BootError(f"VM {self.name} presented an SSH host key that is not the one "
+                                f"pinned in {self.ssh.known_hosts}; the guest did not take the "
+                                "seed's host key (is cloud-init's ssh module enabled?)",
+                                detail=res.stderr.strip()[-2000:])
             return False
         state, detail = cloud_init_state(res.stdout)
         if state == "absent":  # not started yet, or a custom image: ask cloud-init itself
@@ -203,7 +243,9 @@ class Machine:
                                connect_timeout=3)
             if res.returncode == 0 and res.stdout.strip() != boot_id:
                 break
-        return self.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+        seconds = self.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+        self.reopen_host_ports()  # the old forwarding connection died with the old boot
+        return seconds
 
     def destroy(self, *, remove_files: bool = True) -> None:
         """Stop and undefine the domain, then delete its overlay, seed and console."""
@@ -212,6 +254,7 @@ class Machine:
         self._stop_stream.set()
         if self._streamer is not None:
             self._streamer.join(timeout=5)  # it prints the console's tail before files go
+        self._host_ports.close()
         self.ssh.cleanup()
         if self.dom is not None:
             for op in ("destroy", "undefine"):

@@ -113,12 +113,18 @@ def _new_keypair(key: Path, pub: Path, create_excl: Callable[[Path, bytes], None
 class SSHClient:
     """One guest endpoint: ``user@127.0.0.1:port`` with a private key."""
 
-    def __init__(self, port: int, key: Path, user: str, host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int, key: Path, user: str, host: str = "127.0.0.1", *,
+                 known_hosts: Path | None = None, host_key_check: str = "yes") -> None:
         require_tool("ssh", "openssh-client")
         self.port = port
         self.key = key
         self.user = user
         self.host = host
+        # The VM's own known_hosts (see vm/hostkey.py): "yes" when it pins the key the
+        # seed gave the guest, "accept-new" when the first contact pins the image's key.
+        # None keeps the old unchecked behaviour (for callers that have no VM dir).
+        self.known_hosts = known_hosts
+        self.host_key_check = host_key_check
         # Unix socket paths are limited to ~100 bytes: keep the control dir short.
         self._control_dir = Path(tempfile.mkdtemp(prefix="fvm-ssh-"))
         self._control_path = self._control_dir / "%C"
@@ -126,8 +132,7 @@ class SSHClient:
     def options(self, *, connect_timeout: int = 5) -> list[str]:
         return [
             "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null",
+            *self.host_key_options(),
             "-o", "LogLevel=ERROR",
             "-o", f"ConnectTimeout={connect_timeout}",
             "-o", "ServerAliveInterval=5",
@@ -139,12 +144,18 @@ class SSHClient:
             "-p", str(self.port),
         ]
 
+    def host_key_options(self) -> list[str]:
+        if self.known_hosts is None:
+            return ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+        return ["-o", f"StrictHostKeyChecking={self.host_key_check}",
+                "-o", f"UserKnownHostsFile={self.known_hosts}",
+                "-o", "GlobalKnownHostsFile=/dev/null", "-o", "CheckHostIP=no"]
+
     def command(self) -> str:
-        """A shell line a human can paste to reach this guest."""
-        return (
-            f"ssh -p {self.port} -i {self.key} -o StrictHostKeyChecking=no "
-            f"-o UserKnownHostsFile=/dev/null {self.user}@{self.host}"
-        )
+        """A shell line a human can paste to reach this guest (host key checked against
+        the VM's own known_hosts)."""
+        hk = " ".join(shlex.quote(o) for o in self.host_key_options())
+        return f"ssh -p {self.port} -i {shlex.quote(str(self.key))} {hk} {self.user}@{self.host}"
 
     def run(
         self,

@@ -33,7 +33,8 @@ def test_domain_xml_has_the_measured_choices(tmp_path: Path) -> None:
     assert root.find("devices/controller[@model='virtio-scsi']") is not None
     assert root.find("seclabel").get("relabel") == "no"
     args = [a.get("value") for a in root.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg")]
-    assert "user,id=fvmnet0,hostfwd=tcp:127.0.0.1:40022-:22" in args
+    # closed by default: restrict=on keeps DHCP and the SSH forward, drops everything else
+    assert "user,id=fvmnet0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22" in args
     assert any("mac=52:54:00:aa:bb:cc" in a and "addr=0x10" in a for a in args)
     assert root.find("devices/serial/source").get("path") == str(tmp_path / "c.log")
 
