@@ -181,8 +181,15 @@ def hosts_line(alias: str, address: str) -> str:
 
 
 def alias_user_data(alias: str, address: str) -> dict[str, Any]:
-    """A cloud-config fragment that adds ``address alias`` to the guest's /etc/hosts."""
-    return {"write_files": [{"path": "/etc/hosts", "append": True,
+    """A cloud-config fragment that adds ``address alias`` to the guest's /etc/hosts.
+
+    ``write_files`` appends the line once per instance (init stage). Our image sets
+    ``manage_etc_hosts: true``, which re-renders /etc/hosts from a template later in
+    the same stage and on every boot, dropping the line: ``localhost`` mode instead
+    only makes sure the guest's own hostname line is there and keeps the rest.
+    """
+    return {"manage_etc_hosts": "localhost",
+            "write_files": [{"path": "/etc/hosts", "append": True,
                              "content": hosts_line(alias, address) + "\n"}]}
 
 

@@ -46,9 +46,9 @@ def fetch(vm, url):
     return vm.run(FETCH + url, check=False, timeout=60)
 
 
-def record(name, **facts):
+def record(key, **facts):
     data = json.loads(OUT.read_text()) if OUT.exists() else {}
-    data[name] = facts
+    data[key] = facts
     OUT.write_text(json.dumps(data))
 
 
@@ -94,12 +94,18 @@ def test_b_marker_adds_a_port(flightvm):
            named=named.stdout.strip(), ports=list(flightvm.host_ports), name=flightvm.name)
 
 
-def test_c_marker_port_gone_again(flightvm):
+def test_c_marker_port_gone_again_and_reboot(flightvm):
     other = fetch(flightvm, f"http://{ALIAS}:{OTHER}/c")
     named = fetch(flightvm, f"http://{ALIAS}:{NAMED}/c")
+    # a reboot drops the forwarding connection; vm.reboot() opens it again, and the
+    # alias line outlives the boot (cloud-init re-renders /etc/hosts on each boot)
+    flightvm.reboot()
+    hosts = flightvm.run(f"getent hosts {ALIAS}", check=False).stdout.split()
+    rebooted = fetch(flightvm, f"http://{ALIAS}:{NAMED}/rebooted")
     record("c", other=other.stdout.strip(), other_rc=other.returncode,
            named=named.stdout.strip(), ports=list(flightvm.host_ports), name=flightvm.name,
-           forward_seconds=flightvm.host_port_seconds)
+           forward_seconds=flightvm.host_port_seconds, hosts_after_reboot=hosts,
+           rebooted=rebooted.stdout.strip())
 '''
 
 
@@ -169,8 +175,10 @@ def test_named_host_ports_alias_and_pinned_host_key(vm_suite, servers, tmp_path:
         [named.port, other.port])
     assert c["other_rc"] == 3 and c["ports"] == [named.port], c
     assert c["named"] == "named-host-service /c"
+    assert c["hosts_after_reboot"][:2] == ["127.0.0.1", ALIAS], c
+    assert c["rebooted"] == "named-host-service /rebooted", c
     assert other.paths == ["/b"], other.paths  # nothing else ever reached it
-    assert named.paths == ["/a", "/b", "/c"], named.paths
+    assert named.paths == ["/a", "/b", "/c", "/rebooted"], named.paths
 
     # the host key: the guest's ed25519 key is the pinned one, files are 0600
     assert a["known"][0] == f"[127.0.0.1]:{a['printed_cmd'].split()[2]}"

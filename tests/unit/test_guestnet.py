@@ -153,6 +153,7 @@ def test_seed_user_data_carries_the_host_key_and_the_alias(tmp_path: Path) -> No
     assert data["ssh_keys"]["ed25519_private"] == key.private.read_text()
     assert data["ssh_keys"]["ed25519_public"] == key.public_line
     assert data["ssh_deletekeys"] is True
+    assert data["manage_etc_hosts"] == "localhost"  # "true" re-renders /etc/hosts each boot
     # the alias line survives a suite's own write_files (lists concatenate)
     assert data["write_files"][0] == {"path": "/etc/hosts", "append": True,
                                       "content": f"127.0.0.1 api.test {HOSTS_TAG}\n"}
