@@ -61,7 +61,7 @@ def test_a_named_port_by_alias_and_pinned_key(flightvm, tmp_path):
     other_gw = fetch(flightvm, f"http://10.0.2.2:{OTHER}/a")
     # the pinned host key: the guest's key is the one in the VM's known_hosts
     known = flightvm.ssh.known_hosts.read_text().split()
-    guest_pub = flightvm.run("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()
+    guest_pub = flightvm.run("sudo cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()
     # a second connection with a wrong known_hosts (another key for the same host:port)
     wrong = tmp_path / "wrong_known_hosts"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
@@ -152,7 +152,7 @@ def test_named_host_ports_alias_and_pinned_host_key(vm_suite, servers, tmp_path:
     Path("test_guest_network_suite.py").write_text(SUITE)
     out = tmp_path / "facts.json"
     result, _metrics = vm_suite.run(
-        "-v", "-p", "no:randomly", f"--flightvm-host-port={named.port}",
+        "-v", "-p", "no:randomly", "--flightvm-accel=tcg", f"--flightvm-host-port={named.port}",
         f"--flightvm-host-alias={ALIAS}",
         GN_ALIAS=ALIAS, GN_NAMED=str(named.port), GN_OTHER=str(other.port), GN_OUT=str(out))
     result.assert_outcomes(passed=3)
