@@ -12,7 +12,6 @@ was built with: its ``known_hosts`` starts empty and the first contact pins it
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FlightVMError
+from ..statedir import create_excl
 from .ssh import require_tool
 
 PRIVATE_NAME = "ssh_host_ed25519_key"
@@ -41,14 +41,11 @@ class HostKey:
 
 def write_exclusive(path: Path, data: bytes) -> None:
     """Create ``path`` 0600 with ``data``; fail if anything (a file, a symlink) is there."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, flags, 0o600)
+        create_excl(path, data, 0o600)
     except FileExistsError:
         raise FlightVMError(f"{path} already exists; flightvm creates it afresh for each VM, "
                             "remove it") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def generate_host_key(vm_dir: Path, comment: str) -> HostKey:

@@ -238,3 +238,25 @@ def test_marker_host_ports_is_known_and_checked(pytester: pytest.Pytester, tmp_p
     result.stdout.fnmatch_lines(["*flightvm: marker flightvm host_ports: expected a port number "
                                  "(1-65535), got 'nope'*"])
     assert "nonexistent.qcow2" not in result.stdout.str()
+
+
+def test_a_guest_with_another_host_key_fails_the_boot_in_one_line(tmp_path: Path) -> None:
+    """The readiness probe does not wait out the boot timeout on a mismatched host key."""
+    from pytest_flightvm.errors import BootError
+    from pytest_flightvm.vm.machine import Machine
+
+    class StubSSH:
+        known_hosts = tmp_path / "known_hosts"
+        user, host = "flightvm", "127.0.0.1"
+        _control_dir = tmp_path
+
+        def run(self, cmd: str, **_: object) -> CommandResult:
+            return CommandResult(cmd, 255, "", "@@@ WARNING: REMOTE HOST IDENTIFICATION HAS "
+                                 "CHANGED! @@@\nHost key verification failed.\n")
+
+    vm = Machine(None, _spec(tmp_path), StubSSH(), base=tmp_path / "b",  # type: ignore[arg-type]
+                 vm_dir=tmp_path, boot_timeout=1)
+    with pytest.raises(BootError) as err:
+        vm._guest_ready()
+    assert "presented an SSH host key that is not the one pinned in" in str(err.value)
+    assert "\n" not in str(err.value) and "Host key verification failed" in err.value.detail
