@@ -351,8 +351,8 @@ def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[s
         host_ports = _host_ports(settings, marks.get("host_ports"), "marker flightvm host_ports")
     except ConfigError as exc:
         _fail_setup(exc)
-    # The pool's VM boots (and is snapshotted) with no forwards; they are opened per test
-    # below, after any reset, so a marker's ports cost a forward, not a boot.
+    # The pool's VM boots (and is saved at its pristine point) with no forwards; they are
+    # opened per test below, after any reset, so a marker's ports cost a forward, not a boot.
     req = VMRequest(memory=marks.get("memory"), vcpus=marks.get("vcpus"),
                     user_data=user_datas + extra.get("user_data", ()),
                     seed_payload=extra.get("seed_payload", {}),
