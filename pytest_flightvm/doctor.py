@@ -70,7 +70,7 @@ def _accel(settings: Settings) -> Check:
         return Check("accel", True, f"{settings.accel} (forced)")
     if not accel.kvm_device_usable():
         return Check("accel", True, "tcg (/dev/kvm missing or not accessible)")
-    verdict = accel.load_verdict(settings.cache_dir)
+    verdict = accel.load_verdict(accel.host_state_dir())
     if verdict is None:
         return Check("accel", True, "not probed yet: the first boot under auto tries KVM and "
                      "falls back to TCG if the guest makes no progress")

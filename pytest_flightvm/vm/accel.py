@@ -6,7 +6,9 @@ KVM internal error, or it spins silently). libvirt's capabilities still list
 ``kvm``, so they prove nothing. ``auto`` therefore trusts only a verdict from
 a real guest: the first boot under ``auto`` tries KVM with a short progress
 watchdog, falls back to TCG with one notice line, and the verdict is stored
-per host and QEMU version so later runs decide instantly.
+per host and QEMU version so later runs decide instantly. It lives in the user's
+private state dir (:func:`statedir.user_state_dir`), not in a cache dir: it belongs
+to the host, and every fresh cache dir used to pay the 30 s probe again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..statedir import private_dir, replace_file
+from ..statedir import private_dir, replace_file, user_state_dir
 
 TCG_TIMEOUT_SCALE = 2.0
 KVM_PROGRESS_SECONDS = 30.0  # a KVM guest must print its kernel banner this fast
@@ -44,24 +46,29 @@ def qemu_version(emulator: str = "qemu-system-x86_64") -> str:
     return first.replace("QEMU emulator version", "").strip() or "unknown"
 
 
-def verdict_path(cache_dir: Path, qemu: str | None = None) -> Path:
+def host_state_dir() -> Path:
+    """Where verdicts live: the user's private per-host state dir."""
+    return user_state_dir()
+
+
+def verdict_path(state_dir: Path, qemu: str | None = None) -> Path:
     qemu = qemu or qemu_version()
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{socket.gethostname()}-{qemu}")
-    return cache_dir / "accel" / f"{safe}.json"
+    return state_dir / "accel" / f"{safe}.json"
 
 
-def load_verdict(cache_dir: Path) -> Verdict | None:
+def load_verdict(state_dir: Path) -> Verdict | None:
     try:
-        data = json.loads(verdict_path(cache_dir).read_text())
+        data = json.loads(verdict_path(state_dir).read_text())
         return Verdict(**data)
     except (OSError, ValueError, TypeError):
         return None
 
 
-def save_verdict(cache_dir: Path, accel: str, reason: str) -> Verdict:
+def save_verdict(state_dir: Path, accel: str, reason: str) -> Verdict:
     qemu = qemu_version()
     verdict = Verdict(accel, reason, qemu, socket.gethostname(), time.time())
-    path = verdict_path(cache_dir, qemu)
+    path = verdict_path(state_dir, qemu)
     private_dir(path.parent)  # 0700, ours; written through an O_EXCL temp, never a link
     replace_file(path, json.dumps(verdict.__dict__).encode())
     return verdict
@@ -71,13 +78,13 @@ def kvm_device_usable() -> bool:
     return os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
-def initial_choice(requested: str, cache_dir: Path) -> tuple[str, bool]:
+def initial_choice(requested: str, state_dir: Path) -> tuple[str, bool]:
     """Return (accel to try first, whether this is an unproven KVM attempt)."""
     if requested in ("kvm", "tcg"):
         return requested, False
     if not kvm_device_usable():
         return "tcg", False
-    verdict = load_verdict(cache_dir)
+    verdict = load_verdict(state_dir)
     if verdict is not None and verdict.accel == "tcg":
         return "tcg", False
     # No verdict, or a KVM one: under auto, KVM always runs on probation, so a host

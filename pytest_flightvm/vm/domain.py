@@ -7,7 +7,9 @@ Choices that HOST-NOTES measured on this kind of host:
   through ``qemu:commandline`` with an explicit PCI slot (libvirt 9's passt
   backend does not work here);
 - a static DAC label with ``relabel='no'`` makes QEMU run as root and keeps
-  libvirt from chowning the shared, read-only base behind our back.
+  libvirt from chowning the shared, read-only base behind our back;
+- the overlay is a throwaway: ``cache='unsafe'`` drops the guest's flushes (a VM is never
+  resumed after a host crash) and lets a reset's destroy skip writing the overlay back.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ class DomainSpec:
   <devices>
     <emulator>{escape(self.emulator)}</emulator>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <driver name='qemu' type='qcow2' cache='unsafe' discard='unmap'/>
       <source file={quoteattr(str(self.overlay))}/>
       <target dev='vda' bus='virtio'/>
     </disk>

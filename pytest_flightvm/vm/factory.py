@@ -138,17 +138,17 @@ class VMFactory:
             raise ConfigError(f"VM name {name!r} is longer than 63 characters; pass a shorter name")
         if (problem := vm_name_problem(name)) is not None:
             raise ConfigError(f"VM name {name!r} {problem}; pass another name")
-        accel, probation = accel_mod.initial_choice(self.settings.accel, self.settings.cache_dir)
+        accel, probation = accel_mod.initial_choice(self.settings.accel, accel_mod.host_state_dir())
         self._check_hardware(accel)
         try:
             machine = self._boot(name, request, accel, probation)
         except KVMUnusable as exc:
-            accel_mod.save_verdict(self.settings.cache_dir, "tcg", str(exc))
+            accel_mod.save_verdict(accel_mod.host_state_dir(), "tcg", str(exc))
             self.notice(f"flightvm: KVM cannot run guests on this host ({exc}); "
                         "falling back to TCG (verdict remembered)")
             machine = self._boot(name, request, "tcg", False)
         if probation and machine.accel == "kvm":
-            accel_mod.save_verdict(self.settings.cache_dir, "kvm", "a guest booted under KVM")
+            accel_mod.save_verdict(accel_mod.host_state_dir(), "kvm", "a guest booted under KVM")
         return machine
 
     def _check_hardware(self, accel: str) -> None:

@@ -127,3 +127,18 @@ def test_doctor_names_the_firmware_fix(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setenv("PATH", str(tmp_path))  # no swtpm on PATH
     check = _firmware(resolve({"tpm": True}, {}, {}))
     assert not check.ok and "swtpm" in check.detail and "swtpm" in check.fix
+
+
+def test_the_kvm_verdict_belongs_to_the_host_not_a_cache_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_flightvm.vm import accel
+
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setattr(accel, "kvm_device_usable", lambda: True)
+    assert accel.initial_choice("auto", accel.host_state_dir()) == ("kvm", True)
+    accel.save_verdict(accel.host_state_dir(), "tcg", "guest paused")
+    # a later run with any other cache dir decides at once
+    assert accel.host_state_dir() == runtime / "flightvm"
+    assert accel.initial_choice("auto", accel.host_state_dir()) == ("tcg", False)
