@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from ..config import Settings
 from ..errors import BootError, ConfigError, FlightVMError, KVMUnusable
 from ..seed.iso import write_iso
-from ..seed.render import SeedSpec, load_cloud_init_dir, render
+from ..seed.render import SeedSpec, load_cloud_init_dir, merge_cloud_init_dir, render
 from ..statedir import ensure_cache_dir, private_dir
 from . import accel as accel_mod
 from . import firmware as fw_mod
@@ -32,7 +32,7 @@ from .libvirt_conn import connect
 from .machine import Machine, ReadyCheck
 from .ports import release_port, reserve_port
 from .reaper import KEPT_MARKER
-from .ssh import SSHClient, generate_keypair
+from .ssh import Login, SSHClient, generate_keypair, write_askpass
 
 log = logging.getLogger("flightvm")
 
@@ -110,6 +110,24 @@ class VMFactory:
         self.firmware = fw_mod.firmware(settings.firmware)
         self._hardware_checked = False
         self.key_path, self.public_key = generate_keypair(run.run_dir / "ssh")
+        self.login = self._login()
+        self._warned: set[str] = set()
+
+    def _login(self) -> Login:
+        """The run's key for the user cloud-init makes, or the image's own (baked) login."""
+        s = self.settings
+        if s.ssh_user is None:
+            return Login(USERNAME, self.key_path)
+        if s.ssh_password is not None:
+            return Login(s.ssh_user, self.key_path, password=s.ssh_password,
+                         askpass=write_askpass(self.run.run_dir / "ssh"), baked=True)
+        assert s.ssh_key is not None  # config.validate_login
+        return Login(s.ssh_user, s.ssh_key, baked=True)
+
+    def _warn_once(self, line: str) -> None:
+        if line not in self._warned:
+            self._warned.add(line)
+            self.notice(line)
 
     @property
     def conn(self) -> Any:
@@ -183,7 +201,7 @@ class VMFactory:
             cpu_model=self.settings.cpu,
         )
         machine = Machine(
-            self.conn, spec, SSHClient(port, self.key_path, USERNAME),
+            self.conn, spec, SSHClient(port, self.login.key, self.login.user, login=self.login),
             base=self.base_image, vm_dir=vm_dir,
             boot_timeout=accel_mod.timeout_for(accel, self.settings.boot_timeout),
             ready_checks=request.ready_checks, console_out=self.console_out,
@@ -206,11 +224,10 @@ class VMFactory:
         return machine
 
     def _write_seed(self, name: str, mac: str, request: VMRequest, iso: Path) -> None:
-        if self.settings.cloud_init_dir is not None:
-            files = load_cloud_init_dir(self.settings.cloud_init_dir)
-            write_iso(files, iso)
-            return
         overrides = [dict(u) for u in request.user_data]
+        if self.login.password is not None:
+            # cloud-init's default ssh_pwauth: false would lock the baked password login out
+            overrides.insert(0, {"ssh_pwauth": True})
         if self.user_data_hook is not None:
             extra: dict[str, Any] = {}
             self.user_data_hook(name, extra)
@@ -224,8 +241,15 @@ class VMFactory:
             ssh_public_key=self.public_key,
             user_data=tuple(overrides),
         )
-        files = dict(render(spec))
-        files.update(request.seed_payload)
+        if self.settings.cloud_init_dir is not None:
+            given = load_cloud_init_dir(self.settings.cloud_init_dir)
+            files, warnings = merge_cloud_init_dir(given, spec, request.seed_payload,
+                                                   source=self.settings.cloud_init_dir)
+            for line in warnings:
+                self._warn_once(f"flightvm: {line}")
+        else:
+            files = dict(render(spec))
+            files.update(request.seed_payload)
         write_iso(files, iso)
 
     def _keep_console(self, machine: Machine) -> None:
