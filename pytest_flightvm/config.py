@@ -250,8 +250,10 @@ def resolve(
     if "push" not in values:
         values["push"] = _parse_bool(env.get("CI", ""), "env CI") if env.get("CI") else False
     # The password of a baked login comes from the environment only (never argv or ini).
+    # Without a baked-login user it is ignored: a variable left in a CI environment must
+    # not break runs (or `flightvm cache ...`) that log in the usual way.
     password = env.get("FLIGHTVM_SSH_PASSWORD")
-    if password:
+    if password and values.get("ssh_user"):
         values["ssh_password"] = password
     settings = Settings(**values)
     validate_registry_ref(settings.registry, "registry")
@@ -270,9 +272,6 @@ def validate_login(settings: Settings) -> None:
     if user is None:
         if settings.ssh_key is not None:
             raise ConfigError("--flightvm-ssh-key needs --flightvm-ssh-user (the image's login)")
-        if settings.ssh_password is not None:
-            raise ConfigError("FLIGHTVM_SSH_PASSWORD is set but no --flightvm-ssh-user; "
-                              "name the image's login user or unset it")
         return
     if settings.ssh_key is None and settings.ssh_password is None:
         raise ConfigError(f"--flightvm-ssh-user {user} needs a credential: --flightvm-ssh-key FILE "

@@ -79,10 +79,12 @@ def test_login_settings_need_each_other(tmp_path: Path) -> None:
     assert (s.ssh_user, s.ssh_key, s.ssh_password) == ("user", key, None)
     s = resolve({}, {"ssh_user": "user"}, {"FLIGHTVM_SSH_PASSWORD": "pw"})
     assert (s.ssh_user, s.ssh_password) == ("user", "pw")
+    # a password left in the environment does nothing without a baked-login user
+    s = resolve({}, {}, {"FLIGHTVM_SSH_PASSWORD": "pw"})
+    assert (s.ssh_user, s.ssh_password) == (None, None)
     for cli, env, message in (
         ({"ssh_user": "user"}, {}, "needs a credential"),
         ({"ssh_key": str(key)}, {}, "needs --flightvm-ssh-user"),
-        ({}, {"FLIGHTVM_SSH_PASSWORD": "pw"}, "no --flightvm-ssh-user"),
         ({"ssh_user": "Bad User"}, {"FLIGHTVM_SSH_PASSWORD": "pw"}, "not a valid Linux user"),
         ({"ssh_user": "user", "ssh_key": str(key) + ".pub"}, {}, "not a private key"),
         ({"ssh_user": "user", "ssh_key": str(tmp_path / "nope")}, {}, "cannot be read"),
