@@ -6,8 +6,8 @@ import pytest
 def test_options_are_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(["*--flightvm-registry*", "*--flightvm-accel*",
-                                 "*--flightvm-keep*", "*--flightvm-reset*",
-                                 "*--flightvm-ssh-user*", "*--flightvm-ssh-key*"])
+                                 "*--flightvm-ssh-user*", "*--flightvm-ssh-key*",
+                                 "*--flightvm-keep*", "*--flightvm-reset*"])
 
 
 def test_bad_option_stops_before_any_test(pytester: pytest.Pytester) -> None:
