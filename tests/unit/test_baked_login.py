@@ -154,3 +154,19 @@ def test_no_cloud_init_means_systemd_readiness(tmp_path: Path) -> None:
                          (1, "", "sudo: a password is required")])
     with pytest.raises(BootError, match="cannot run sudo without a password"):
         m._guest_ready()
+
+
+def test_run_input_reaches_stdin(tmp_path: Path) -> None:
+    seen: list[object] = []
+
+    class Rec:
+        def run(self, cmd: str, *, check: bool, timeout: float | None,
+                stdin: bytes | None = None) -> None:
+            seen.append(stdin)
+
+    m = Machine.__new__(Machine)
+    m.ssh = Rec()  # type: ignore[assignment]
+    m.run("cat", input="héllo")
+    m.run("cat", input=b"\x00\xff")
+    m.run("true")
+    assert seen == ["héllo".encode(), b"\x00\xff", None]
