@@ -180,3 +180,24 @@ def test_reset_3_agent_starts_fresh(flightctl_vm: Any, facts: dict[str, Any]) ->
     identity = _identity(flightctl_vm)
     assert identity != _seen["identity"]
     assert sudo(flightctl_vm, f"test -e {STATE}/left-by-test-1", check=False).returncode == 1
+
+
+def test_a_wrong_credential_is_refused_at_once(flightctl_vm: Any, tmp_path: Path) -> None:
+    """What flightvm's fast failure relies on, from the real sshd: a wrong password
+    (through askpass) or an unknown key ends ssh at once with 255 and "Permission denied"."""
+    from pytest_flightvm.vm.ssh import Login, SSHClient, generate_keypair, write_askpass
+
+    key, _ = generate_keypair(tmp_path / "other")
+    if os.environ.get("FLIGHTVM_TEST_EXPECT") == "login":
+        login = Login("user", key, password="not-the-password",
+                      askpass=write_askpass(tmp_path / "askpass"), baked=True)
+    else:
+        login = Login("flightvm", key, baked=True)
+    client = SSHClient(flightctl_vm.ssh_port, key, login.user, login=login)
+    start = time.monotonic()
+    try:
+        res = client.run("true", check=False, timeout=60)
+    finally:
+        client.cleanup()
+    assert res.returncode == 255 and "Permission denied" in res.stderr, res
+    assert time.monotonic() - start < 30

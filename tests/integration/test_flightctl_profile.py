@@ -23,7 +23,7 @@ pytestmark = pytest.mark.vm
 HERE = Path(__file__).resolve().parent
 
 
-SUITE_TESTS = 12
+SUITE_TESTS = 13
 LOGIN_REPO = "flightvm-test/login-base"
 BUILDER = HERE.parents[1] / "pytest_flightvm" / "builders" / "debian-build.sh"
 
