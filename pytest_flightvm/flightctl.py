@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 import shlex
 import tarfile
@@ -337,15 +336,6 @@ AGENT_CSR = f"{STATE_DIR}/certs/agent.csr"
 AGENT_STATES = ("running", "stopped")
 
 
-def reseed_entropy(vm: _Runs) -> None:
-    """Mix 512 host-random bytes into the guest's pool: a reverted guest otherwise resumes
-    the CSPRNG state of the snapshot, and the agent may make the same key twice (upstream
-    hit this). The lead's generic restore path may do this for every VM; this is the
-    flightctl profile's own call until then (a second mix is harmless)."""
-    vm.run("sudo -n dd of=/dev/urandom bs=512 count=1 status=none", check=False, timeout=30,
-           input=os.urandom(512))
-
-
 def stop_agent(vm: _Runs) -> None:
     vm.run(f"sudo -n systemctl stop {AGENT_UNIT}", check=True, timeout=60)
 
@@ -369,9 +359,9 @@ class FlightctlProfile:
 
     - before the pristine state: stop the agent, clear ``/var/lib/flightctl`` (its
       contents; the dir stays), rotate the journal;
-    - after each reset: reseed entropy (the clock is set by the reset itself), remove
-      ``agent.csr``; then, after the user's hook, start the agent unless the test's
-      ``@pytest.mark.flightvm(agent="stopped")`` asks otherwise.
+    - after each reset (the reset itself has set the clock and reseeded the guest's
+      RNG, for every VM): remove ``agent.csr``; then, after the user's hook, start the
+      agent unless the test's ``@pytest.mark.flightvm(agent="stopped")`` asks otherwise.
 
     On an image without cloud-init the readiness check first delivers the payload over
     SSH and runs the same setup script (:func:`deliver_payload`).
@@ -410,7 +400,7 @@ class FlightctlProfile:
         vm.run("sudo -n journalctl --rotate", check=False, timeout=60)
 
     def after_revert(self, vm: _Runs) -> None:
-        reseed_entropy(vm)
+        # the clock and the entropy reseed come first, for every VM (vm/resume.py)
         vm.run(f"sudo -n rm -f {AGENT_CSR}", check=True, timeout=30)
 
     def resume(self, vm: _Runs) -> None:

@@ -38,7 +38,7 @@ def pytest_flightvm_after_revert(vm: Any) -> None:
     """Refresh a VM after each reset to its pristine state (and once right after the
     snapshot is taken).
 
-    Runs after the clock is set and the profile's cleanup (for ``flightctl_vm``:
-    entropy reseeded, ``agent.csr`` removed) and before the profile resumes (the
+    Runs after the clock is set, the guest's RNG reseeded and the profile's cleanup
+    (for ``flightctl_vm``: ``agent.csr`` removed) and before the profile resumes (the
     agent is started unless the test asked ``agent="stopped"``): the agent is
     stopped while this runs."""

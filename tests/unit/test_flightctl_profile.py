@@ -50,8 +50,6 @@ class FakeVM:
             EVENTS.append("profile:clear-state")
         elif "journalctl --rotate" in cmd:
             EVENTS.append("profile:rotate-journal")
-        elif "of=/dev/urandom" in cmd:
-            EVENTS.append(f"profile:reseed:{len(input or b'')}")
         elif "rm -f /var/lib/flightctl/certs/agent.csr" in cmd:
             EVENTS.append("profile:rm-csr")
         out = self.agent if "is-active" in cmd else ""
@@ -142,7 +140,7 @@ def test_reset_order_around_the_user_hooks(pytester: pytest.Pytester, tmp_path: 
     result.stdout.fnmatch_lines(["*flightvm: marker flightvm: agent='sleeping' is not one of "
                                  "'running', 'stopped'*"])
     assert "Traceback" not in result.stdout.str()
-    reset = ["profile:reseed:512", "profile:rm-csr", "user:after_revert:inactive"]
+    reset = ["profile:rm-csr", "user:after_revert:inactive"]
     assert json.loads(events_file.read_text()) == [
         "boot",
         "profile:stop", "profile:clear-state", "profile:rotate-journal",
@@ -240,9 +238,7 @@ def test_profile_steps_and_marker(tmp_path: Path) -> None:
     assert cmds[0] == "sudo -n systemctl stop flightctl-agent.service"
     assert "find /var/lib/flightctl -mindepth 1 -delete" in cmds[1]
     assert cmds[2] == "sudo -n journalctl --rotate"
-    reseed = guest.cmds[3]
-    assert "of=/dev/urandom" in reseed[0] and reseed[1] is not None and len(reseed[1]) == 512
-    assert cmds[4] == f"sudo -n rm -f {AGENT_CSR}"
+    assert cmds[3:] == [f"sudo -n rm -f {AGENT_CSR}"]
     assert profile.ready_checks == profile.ready_checks  # the pool matches VMs by their ids
     assert id(profile.ready_checks[0]) == id(profile.ready_checks[0])
     with pytest.raises(ConfigError, match="agent='paused'"):
