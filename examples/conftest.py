@@ -13,3 +13,7 @@ def flightvm_user_data(flightvm_run):
         "write_files": [{"path": MARKER, "content": flightvm_run.run_id + "\n",
                          "permissions": "0644"}],
     }
+
+# examples/flightctl is a separate suite (its own pytest.ini, image and payload): run it
+# from inside that dir; `make demo` (pytest examples) leaves it out.
+collect_ignore = ["flightctl"]

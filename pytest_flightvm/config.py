@@ -77,8 +77,14 @@ OPTIONS: tuple[Option, ...] = (
            kind="choice", choices=ACCELS, cli_short="--accel"),
     Option("vm_config", "flightctl VM config dir (config.yaml, certs/, rpms/, ca.pem, registry.conf)",
            "--flightvm-vm-config", "flightvm_vm_config", ("VM_CONFIG_DIR",), kind="path"),
-    Option("cloud_init_dir", "a prepared NoCloud dir, packed as-is", "--flightvm-cloud-init-dir",
-           None, ("CLOUD_INIT_DIR",), kind="path"),
+    Option("cloud_init_dir",
+           "a prepared NoCloud dir, merged with the run's key, a unique instance-id and payloads",
+           "--flightvm-cloud-init-dir", None, ("CLOUD_INIT_DIR",), kind="path"),
+    Option("ssh_user", "log in as this user the image already has (a baked login), "
+           "with --flightvm-ssh-key or env FLIGHTVM_SSH_PASSWORD",
+           "--flightvm-ssh-user", "flightvm_ssh_user"),
+    Option("ssh_key", "private key for the baked login (--flightvm-ssh-user)",
+           "--flightvm-ssh-key", "flightvm_ssh_key", kind="path"),
     Option("keep", "keep VMs after the run: never, on-failure, always", "--flightvm-keep",
            "flightvm_keep", kind="choice", choices=KEEPS),
     Option("console", "stream guest consoles live", "--flightvm-console", None,
@@ -167,6 +173,10 @@ class Settings:
     host_ports: tuple[int, ...] = ()
     host_alias: str | None = None
     guest_outbound: bool = False
+    ssh_user: str | None = None
+    ssh_key: Path | None = None
+    # env FLIGHTVM_SSH_PASSWORD only: never on argv, never printed (repr=False)
+    ssh_password: str | None = field(default=None, repr=False)
     rootdir: Path = field(default_factory=Path.cwd)
     arch: str = field(default_factory=host_arch)
 
@@ -296,9 +306,46 @@ def resolve(
     # push: explicit setting wins; otherwise push only when running in CI.
     if "push" not in values:
         values["push"] = _parse_bool(env.get("CI", ""), "env CI") if env.get("CI") else False
+    # The password of a baked login comes from the environment only (never argv or ini).
+    # Without a baked-login user it is ignored: a variable left in a CI environment must
+    # not break runs (or `flightvm cache ...`) that log in the usual way.
+    password = env.get("FLIGHTVM_SSH_PASSWORD")
+    if password and values.get("ssh_user"):
+        values["ssh_password"] = password
     settings = Settings(**values)
     validate_registry_ref(settings.registry, "registry")
+    validate_login(settings)
     return settings
+
+
+_LOGIN_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+
+
+def validate_login(settings: Settings) -> None:
+    """A baked login is complete and sane, or a one-line ConfigError says what to fix."""
+    user = settings.ssh_user
+    if user is not None and not _LOGIN_USER_RE.match(user):
+        raise ConfigError(f"--flightvm-ssh-user {user!r} is not a valid Linux user name")
+    if user is None:
+        if settings.ssh_key is not None:
+            raise ConfigError("--flightvm-ssh-key needs --flightvm-ssh-user (the image's login)")
+        return
+    if settings.ssh_key is None and settings.ssh_password is None:
+        raise ConfigError(f"--flightvm-ssh-user {user} needs a credential: --flightvm-ssh-key FILE "
+                          "or the password in env FLIGHTVM_SSH_PASSWORD")
+    if settings.ssh_password is not None and ("\n" in settings.ssh_password
+                                              or "\0" in settings.ssh_password):
+        raise ConfigError("FLIGHTVM_SSH_PASSWORD must be one line")
+    if settings.ssh_key is not None:
+        try:
+            with open(settings.ssh_key, "rb") as fh:
+                head = fh.read(64)
+        except OSError as exc:
+            raise ConfigError(f"--flightvm-ssh-key {settings.ssh_key} cannot be read "
+                              f"({exc.strerror}); pass a private key file") from None
+        if b"PRIVATE KEY" not in head:
+            raise ConfigError(f"--flightvm-ssh-key {settings.ssh_key} is not a private key "
+                              "(no PRIVATE KEY header); pass the private half, not .pub")
 
 
 _REF_RE = re.compile(

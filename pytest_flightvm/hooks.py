@@ -27,8 +27,18 @@ def pytest_flightvm_vm_ready(vm: Any) -> None:
 
 
 def pytest_flightvm_before_snapshot(vm: Any) -> None:
-    """Prepare a freshly booted VM before its pristine snapshot is taken."""
+    """Prepare a freshly booted VM before its pristine snapshot is taken.
+
+    Runs after ``pytest_flightvm_vm_ready`` and after the profile's own step (for
+    ``flightctl_vm``: the agent stopped, ``/var/lib/flightctl`` cleared, the journal
+    rotated), so the agent is stopped while this runs."""
 
 
 def pytest_flightvm_after_revert(vm: Any) -> None:
-    """Refresh a VM after it was reverted to its pristine snapshot."""
+    """Refresh a VM after each reset to its pristine state (and once right after the
+    snapshot is taken).
+
+    Runs after the clock is set, the guest's RNG reseeded and the profile's cleanup
+    (for ``flightctl_vm``: ``agent.csr`` removed) and before the profile resumes (the
+    agent is started unless the test asked ``agent="stopped"``): the agent is
+    stopped while this runs."""

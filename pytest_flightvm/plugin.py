@@ -23,6 +23,7 @@ from . import hooks
 from .config import OPTIONS, Settings, resolve
 from .errors import BootError, ConfigError, FlightVMError
 from .metrics import aggregate, write_worker_metrics
+from .profile import VMProfile
 from .vm.factory import RunContext, VMFactory, VMRequest, new_run_id
 from .vm.machine import Machine
 from .vm.pool import VMPool
@@ -98,8 +99,9 @@ class _XdistHooks:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "flightvm(memory=None, vcpus=None, user_data=None, reset=None, host_ports=None): "
-        "per-test VM overrides",
+        "flightvm(memory=None, vcpus=None, user_data=None, reset=None, host_ports=None, "
+        "agent='running'): per-test VM overrides (agent='stopped': flightctl_vm's agent "
+        "stays stopped)",
     )
     try:
         settings = _settings_from(config)
@@ -126,9 +128,9 @@ def _check_inputs(settings: Settings) -> None:
 
         flightctl.load_vm_config(settings.vm_config)
     if settings.cloud_init_dir is not None:
-        from .seed.render import load_cloud_init_dir
+        from .seed.render import check_cloud_init_dir
 
-        load_cloud_init_dir(settings.cloud_init_dir)
+        check_cloud_init_dir(settings.cloud_init_dir)
 
 
 def _is_controller(config: pytest.Config) -> bool:
@@ -293,9 +295,11 @@ def flightvm_factory(_flightvm_core: VMFactory, pytestconfig: pytest.Config) -> 
     return Factory()
 
 
-def _pool(request: pytest.FixtureRequest, name: str, profile: Any = None) -> VMPool:
-    """The worker's pool for one kind of VM; ``profile`` may add its own
-    ``before_snapshot(vm)`` / ``after_revert(vm)`` around the user's hooks."""
+def _pool(request: pytest.FixtureRequest, name: str, profile: VMProfile | None = None) -> VMPool:
+    """The worker's pool for one kind of VM. Around a reset the order is: ``profile``'s
+    ``before_snapshot``, the user's ``pytest_flightvm_before_snapshot``, the pristine point;
+    and after each reset: ``profile.after_revert``, the user's ``pytest_flightvm_after_revert``,
+    ``profile.resume`` (the flightctl profile's agent is stopped while both user hooks run)."""
     state = request.config.stash[_state_key]
     pools: dict[str, VMPool] = state.setdefault("pools", {})
     if name not in pools:
@@ -303,14 +307,17 @@ def _pool(request: pytest.FixtureRequest, name: str, profile: Any = None) -> VMP
         hook = request.config.hook
 
         def before_snapshot(vm: Machine) -> None:
-            hook.pytest_flightvm_before_snapshot(vm=vm)
             if profile is not None:
                 profile.before_snapshot(vm)
+            hook.pytest_flightvm_before_snapshot(vm=vm)
 
         def after_revert(vm: Machine) -> None:
             if profile is not None:
                 profile.after_revert(vm)
             hook.pytest_flightvm_after_revert(vm=vm)
+            if profile is not None:
+                profile.resume(vm)
+            state["resumed"] = True
 
         pools[name] = VMPool(
             core,
@@ -322,14 +329,20 @@ def _pool(request: pytest.FixtureRequest, name: str, profile: Any = None) -> VMP
     return pools[name]
 
 
+MARKER_ARGS = ("memory", "vcpus", "user_data", "reset", "host_ports", "agent")
+
+
 def _marker_overrides(request: pytest.FixtureRequest) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for mark in reversed(list(request.node.iter_markers("flightvm"))):
         merged.update(mark.kwargs)
-    unknown = set(merged) - {"memory", "vcpus", "user_data", "reset", "host_ports"}
+    unknown = set(merged) - set(MARKER_ARGS)
     if unknown:
         _fail_setup(ConfigError(f"marker flightvm: unknown argument(s) {sorted(unknown)}; "
-                                "use memory, vcpus, user_data, reset or host_ports"))
+                                f"use {', '.join(MARKER_ARGS)}"))
+    if merged.get("agent", "running") not in ("running", "stopped"):
+        _fail_setup(ConfigError(f"marker flightvm: agent={merged['agent']!r} is not one of "
+                                "'running', 'stopped'"))
     return merged
 
 
@@ -342,7 +355,7 @@ def _host_ports(settings: Settings, extra: Any, where: str) -> tuple[int, ...]:
 
 
 def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[str, Any],
-               extra: dict[str, Any], profile: Any = None) -> Iterator[Machine]:
+               profile: VMProfile | None = None) -> Iterator[Machine]:
     settings: Settings = request.config.stash[_settings_key]
     marks = _marker_overrides(request)
     reset = marks.get("reset") or settings.reset
@@ -354,23 +367,28 @@ def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[s
     # The pool's VM boots (and is saved at its pristine point) with no forwards; they are
     # opened per test below, after any reset, so a marker's ports cost a forward, not a boot.
     req = VMRequest(memory=marks.get("memory"), vcpus=marks.get("vcpus"),
-                    user_data=user_datas + extra.get("user_data", ()),
-                    seed_payload=extra.get("seed_payload", {}),
-                    ready_checks=extra.get("ready_checks", ()), host_ports=())
+                    user_data=(profile.user_data if profile else ()) + user_datas,
+                    seed_payload=profile.seed_payload if profile else {},
+                    ready_checks=profile.ready_checks if profile else (), host_ports=())
     pool = _pool(request, pool_name, profile)
+    state = request.config.stash[_state_key]
     try:
+        if profile is not None:
+            profile.configure(marks)
         before = len(pool.resets)
+        state["resumed"] = False
         vm = pool.acquire(req, reset)
-        resets = request.config.stash[_state_key].setdefault("resets", [])
+        if profile is not None and not state["resumed"]:
+            profile.resume(vm)  # no reset ran (reset=none, or reboot mode): apply the marker
+        resets = state.setdefault("resets", [])
         resets.extend({**r, "test": request.node.nodeid} for r in pool.resets[before:])
         # a reset rolled the guest back under the forwarding connection: open it again
         vm.set_host_ports(host_ports, reopen=len(pool.resets) > before)
     except BootError as exc:
         failed_vm: Machine | None = getattr(exc, "machine", None)
         if failed_vm is not None:
-            diagnose = extra.get("diagnose")
-            if diagnose is not None and not exc.detail.count("--- journal"):
-                exc.detail += "\n" + _best_effort(diagnose, failed_vm)
+            if profile is not None and not exc.detail.count("--- journal"):
+                exc.detail += "\n" + _best_effort(profile.diagnose, failed_vm)
             if settings.keep != "never":
                 _keep(request, pool, failed_vm)
             else:
@@ -403,7 +421,7 @@ def _best_effort(diagnose: Any, vm: Machine) -> str:
 @pytest.fixture
 def flightvm(request: pytest.FixtureRequest, flightvm_user_data: dict[str, Any]) -> Iterator[Machine]:
     """A ready VM, reset to its pristine state before each test; one per worker."""
-    yield from _pooled_vm(request, "flightvm", flightvm_user_data, {})
+    yield from _pooled_vm(request, "flightvm", flightvm_user_data)
 
 
 @pytest.fixture
@@ -419,10 +437,11 @@ def flightctl_vm(request: pytest.FixtureRequest, flightvm_settings: Settings,
         vm_config = flightctl.load_vm_config(flightvm_settings.vm_config)
     except ConfigError as exc:
         raise pytest.UsageError(f"flightvm: {exc}") from None
-    fragment, payload = flightctl.flightctl_seed(vm_config)
-    extra = {"user_data": (fragment,), "seed_payload": payload,
-             "ready_checks": (flightctl.agent_ready,), "diagnose": flightctl.diagnose}
-    yield from _pooled_vm(request, "flightctl", flightvm_user_data, extra, profile=flightctl)
+    # One profile per worker and config dir: the pool matches VMs by its ready checks' ids.
+    profiles = request.config.stash[_state_key].setdefault("profiles", {})
+    if vm_config.root not in profiles:
+        profiles[vm_config.root] = flightctl.FlightctlProfile(vm_config)
+    yield from _pooled_vm(request, "flightctl", flightvm_user_data, profiles[vm_config.root])
 
 
 # ---------------------------------------------------------- reports, hooks

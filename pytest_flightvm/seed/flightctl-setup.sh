@@ -328,6 +328,22 @@ install_registry() {
     fi
     run "install registry.conf" install -D -m 0644 "$src" "$ROOT$dest" || return 1
     NOTE="$dest"
+    install_registry_ca || return 1
+}
+
+# The CA for each registry host:port the host side read from registry.conf
+# (flightctl/registry-hosts, one per line), where podman and skopeo look.
+install_registry_ca() {
+    local hosts=$SEED/flightctl/registry-hosts ca=$SEED/flightctl/ca.pem host n=0
+    [ -f "$hosts" ] && [ -f "$ca" ] || return 0
+    while IFS= read -r host; do
+        case $host in "" | */* | *..*) continue ;; esac
+        run "install certs.d/$host/ca.crt" install -D -m 0644 "$ca" \
+            "$ROOT/etc/containers/certs.d/$host/ca.crt" || return 1
+        n=$((n + 1))
+    done <"$hosts"
+    [ "$n" -gt 0 ] && NOTE="$NOTE, CA in /etc/containers/certs.d for $n registry host(s)"
+    return 0
 }
 
 # ---------------------------------------------------------------- 7 agent

@@ -248,3 +248,83 @@ def load_cloud_init_dir(path: Path) -> dict[str, bytes]:
         # cloud-init would reject bad YAML only inside the guest, after a whole boot.
         load_yaml_mapping(root / "user-data", "user-data")
     return files
+
+
+def _parse_cloud_init_dir(files: Mapping[str, bytes], source: Path | str
+                          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The dir's user-data and meta-data as mappings; one-line ConfigError if they cannot merge."""
+    user_text = files["user-data"].decode("utf-8", errors="replace")
+    if not user_text.lstrip().startswith("#cloud-config"):
+        first = (user_text.strip().splitlines() or ["(empty)"])[0][:40]
+        raise ConfigError(
+            f"{source}/user-data starts with {first!r}, not #cloud-config: flightvm merges the "
+            "run's SSH key, instance-id and payload into it, so write it as #cloud-config")
+    try:
+        user = yaml.safe_load(user_text)
+        meta = yaml.safe_load(files["meta-data"].decode("utf-8", errors="replace"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error_line(Path(source), exc)) from None
+    for name, value in (("user-data", user), ("meta-data", meta)):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{source}/{name} must be a YAML mapping, "
+                              f"got a {type(value).__name__}")
+    return user or {}, meta or {}
+
+
+def check_cloud_init_dir(path: Path) -> None:
+    """Load and parse a prepared NoCloud dir up front (bad input stops the run early)."""
+    _parse_cloud_init_dir(load_cloud_init_dir(path), path)
+
+
+def _names(users: Any) -> list[str]:
+    out = []
+    for entry in users if isinstance(users, list) else []:
+        name = entry.get("name") if isinstance(entry, Mapping) else entry
+        out.append(str(name))
+    return out
+
+
+def merge_cloud_init_dir(given: Mapping[str, bytes], spec: SeedSpec,
+                         payload: Mapping[str, bytes] | None = None, *,
+                         source: Path | str = "cloud-init dir"
+                         ) -> tuple[dict[str, bytes], list[str]]:
+    """Merge a prepared NoCloud dir (``CLOUD_INIT_DIR``) with what flightvm must set.
+
+    Returns the seed files and warning lines. Rules:
+
+    - user-data: our defaults (the run's user and key), then the dir's user-data,
+      then ``spec.user_data`` (the flightctl fragment, fixture, marker, hook), all
+      with :func:`deep_merge` (``users``/``runcmd``/``write_files`` concatenate). A
+      ``users`` entry of the dir with our user's name is dropped (warning): ours
+      carries the run's key.
+    - meta-data: the dir's keys, but ``instance-id`` is always ours (unique per VM;
+      warning if the dir set another). ``local-hostname`` defaults to the VM name.
+    - network-config: the dir's if it has one, else ours (matches the VM's MAC).
+    - every other file is kept; ``payload`` files are added, and win over the dir's
+      files of the same name (warning).
+    """
+    theirs, meta = _parse_cloud_init_dir(given, source)
+    warnings: list[str] = []
+    users = theirs.get("users")
+    if isinstance(users, list) and spec.username in _names(users):
+        theirs = dict(theirs)
+        theirs["users"] = [u for u in users
+                           if (u.get("name") if isinstance(u, Mapping) else u) != spec.username]
+        warnings.append(f"{source}/user-data: its users entry {spec.username!r} is replaced by "
+                        "flightvm's own (it carries this run's SSH key)")
+    data = deep_merge(default_user_data(spec.username, spec.ssh_public_key), theirs)
+    for override in spec.user_data:
+        data = deep_merge(data, override)
+    if "instance-id" in meta and str(meta["instance-id"]) != spec.instance_id:
+        warnings.append(f"{source}/meta-data: instance-id {meta['instance-id']!r} is ignored; "
+                        "every VM gets its own")
+    merged_meta = {"local-hostname": spec.hostname, **meta, "instance-id": spec.instance_id}
+    files = dict(given)
+    files["user-data"] = dump_cloud_config(data)
+    files["meta-data"] = dump_yaml(merged_meta)
+    files.setdefault("network-config", dump_yaml(network_config(spec.mac)))
+    clashes = sorted(set(payload or {}) & set(given))
+    if clashes:
+        warnings.append(f"{source}: {', '.join(clashes[:3])} replaced by flightvm's payload")
+    files.update(payload or {})
+    return dict(sorted(files.items())), warnings

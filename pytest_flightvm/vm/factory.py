@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from ..config import Settings
 from ..errors import BootError, ConfigError, FlightVMError, KVMUnusable
 from ..seed.iso import write_iso
-from ..seed.render import SeedSpec, load_cloud_init_dir, render
+from ..seed.render import SeedSpec, load_cloud_init_dir, merge_cloud_init_dir, render
 from ..statedir import ensure_cache_dir, private_dir
 from . import accel as accel_mod
 from . import firmware as fw_mod
@@ -34,7 +34,7 @@ from .libvirt_conn import connect
 from .machine import Machine, ReadyCheck
 from .ports import release_port, reserve_port
 from .reaper import KEPT_MARKER
-from .ssh import SSHClient, generate_keypair
+from .ssh import Login, SSHClient, generate_keypair, write_askpass
 
 log = logging.getLogger("flightvm")
 
@@ -115,6 +115,24 @@ class VMFactory:
         self.firmware = fw_mod.firmware(settings.firmware)
         self._hardware_checked = False
         self.key_path, self.public_key = generate_keypair(run.run_dir / "ssh")
+        self.login = self._login()
+        self._warned: set[str] = set()
+
+    def _login(self) -> Login:
+        """The run's key for the user cloud-init makes, or the image's own (baked) login."""
+        s = self.settings
+        if s.ssh_user is None:
+            return Login(USERNAME, self.key_path)
+        if s.ssh_password is not None:
+            return Login(s.ssh_user, self.key_path, password=s.ssh_password,
+                         askpass=write_askpass(self.run.run_dir / "ssh"), baked=True)
+        assert s.ssh_key is not None  # config.validate_login
+        return Login(s.ssh_user, s.ssh_key, baked=True)
+
+    def _warn_once(self, line: str) -> None:
+        if line not in self._warned:
+            self._warned.add(line)
+            self.notice(line)
 
     @property
     def conn(self) -> Any:
@@ -175,11 +193,12 @@ class VMFactory:
         port = reserve_port()
         mac = random_mac()
         iso = vm_dir / "seed.iso"
-        # Our own seed pins a host key made for this VM; a cloud-init dir packed as-is
-        # cannot carry it, so the first contact pins whatever key the guest shows.
-        host_key = (generate_host_key(vm_dir, name)
-                    if self.settings.cloud_init_dir is None else None)
-        known_hosts = write_known_hosts(vm_dir, "127.0.0.1", port, host_key)
+        # Our seed (a cloud-init dir is merged into it) gives the guest a host key made for
+        # this VM, pinned in its known_hosts. A baked login may be an image without
+        # cloud-init, which never reads the seed: there the first contact pins the key.
+        host_key = generate_host_key(vm_dir, name)
+        pinned = None if self.login.baked else host_key
+        known_hosts = write_known_hosts(vm_dir, "127.0.0.1", port, pinned)
         self._write_seed(name, mac, request, iso, host_key)
         overlay = vm_dir / "overlay.qcow2"
         console = vm_dir / "console.log"
@@ -193,8 +212,9 @@ class VMFactory:
             cpu_model=self.settings.cpu,
             outbound=self.settings.guest_outbound,
         )
-        ssh = SSHClient(port, self.key_path, USERNAME, known_hosts=known_hosts,
-                        host_key_check="yes" if host_key is not None else "accept-new")
+        ssh = SSHClient(port, self.login.key, self.login.user, known_hosts=known_hosts,
+                        host_key_check="yes" if pinned is not None else "accept-new",
+                        login=self.login)
         machine = Machine(
             self.conn, spec, ssh,
             base=self.base_image, vm_dir=vm_dir,
@@ -205,7 +225,8 @@ class VMFactory:
         self.machines.append(machine)
         try:
             machine.boot()
-            if self.settings.host_alias and host_key is None:  # no seed of ours: over SSH
+            if self.settings.host_alias and machine.has_cloud_init is False:
+                # an image without cloud-init never read the seed's /etc/hosts entry
                 install_host_alias(machine.run, self.settings.host_alias, HOST_ADDRESS)
             machine.set_host_ports(request.host_ports if request.host_ports is not None
                                    else self.settings.host_ports)
@@ -224,11 +245,10 @@ class VMFactory:
 
     def _write_seed(self, name: str, mac: str, request: VMRequest, iso: Path,
                     host_key: HostKey | None = None) -> None:
-        if self.settings.cloud_init_dir is not None:
-            files = load_cloud_init_dir(self.settings.cloud_init_dir)
-            write_iso(files, iso)
-            return
         overrides = [dict(u) for u in request.user_data]
+        if self.login.password is not None:
+            # cloud-init's default ssh_pwauth: false would lock the baked password login out
+            overrides.insert(0, {"ssh_pwauth": True})
         if host_key is not None:
             overrides.insert(0, host_key.user_data())
         if self.settings.host_alias:
@@ -246,8 +266,15 @@ class VMFactory:
             ssh_public_key=self.public_key,
             user_data=tuple(overrides),
         )
-        files = dict(render(spec))
-        files.update(request.seed_payload)
+        if self.settings.cloud_init_dir is not None:
+            given = load_cloud_init_dir(self.settings.cloud_init_dir)
+            files, warnings = merge_cloud_init_dir(given, spec, request.seed_payload,
+                                                   source=self.settings.cloud_init_dir)
+            for line in warnings:
+                self._warn_once(f"flightvm: {line}")
+        else:
+            files = dict(render(spec))
+            files.update(request.seed_payload)
         write_iso(files, iso)
 
     def _keep_console(self, machine: Machine) -> None:

@@ -41,6 +41,11 @@ _STATE_NAMES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shut
 
 ReadyCheck = Callable[["Machine"], bool]
 
+#: A baked login refused this long apart (twice) is a wrong credential, not a slow boot.
+LOGIN_REFUSED_SECONDS = 5.0
+#: Bound of one ``systemctl is-system-running --wait`` in a readiness probe.
+SYSTEMD_WAIT_SECONDS = 30
+
 
 class Machine:
     """A running (or about to run) guest."""
@@ -77,6 +82,9 @@ class Machine:
         self._started_at = 0.0
         self._host_ports = HostPorts(ssh, spec.name)
         self.host_port_seconds: list[float] = []  # time to (re)open the forwards, each time
+        # None until readiness finds out; False on an image without cloud-init (baked login)
+        self.has_cloud_init: bool | None = None
+        self._denied_at: float | None = None
 
     # ---------------------------------------------------------------- identity
     @property
@@ -197,17 +205,26 @@ class Machine:
         return f"domain is {_STATE_NAMES.get(state, state)} (reason {reason})"
 
     def _guest_ready(self) -> bool:
+        if self.has_cloud_init is False:
+            return self._systemd_ready() and all(check(self) for check in self.ready_checks)
         res = self.ssh.run(CLOUD_INIT_PROBE, check=False, timeout=20, connect_timeout=3)
-        if res.returncode == 255:  # ssh itself failed: not up yet
+        if res.returncode == 255:  # ssh itself failed: not up yet (or a refused baked login)
             if "Host key verification failed" in res.stderr:
                 raise BootError(f"VM {self.name} presented an SSH host key that is not the one "
                                 f"pinned in {self.ssh.known_hosts}; the guest did not take the "
                                 "seed's host key (is cloud-init's ssh module enabled?)",
                                 detail=res.stderr.strip()[-2000:])
+            self._check_login_refused(res.stderr)
             return False
+        self._denied_at = None
         state, detail = cloud_init_state(res.stdout)
         if state == "absent":  # not started yet, or a custom image: ask cloud-init itself
             state = self._cloud_init_status()
+            if state == "absent":  # a baked login on an image without cloud-init
+                self.has_cloud_init = False
+                self._check_sudo()
+                return self._guest_ready()
+        self.has_cloud_init = True
         if state == "error":
             log_tail = self.ssh.run("cloud-init status --long; "
                                     "sudo tail -n 20 /var/log/cloud-init-output.log",
@@ -219,14 +236,60 @@ class Machine:
             return False
         return all(check(self) for check in self.ready_checks)
 
+    def _check_login_refused(self, stderr: str) -> None:
+        """A baked login that sshd refuses twice, 5 s apart, is a wrong credential: fail now.
+
+        (A user cloud-init creates may be refused until cloud-init has run; so may
+        anyone while pam_nologin says the system is booting: both just wait.)"""
+        if not self.ssh.login.baked or "Permission denied" not in stderr:
+            self._denied_at = None
+            return
+        if "booting up" in stderr or "not permitted to log in yet" in stderr:
+            return
+        now = time.monotonic()
+        if self._denied_at is None:
+            self._denied_at = now
+            return
+        if now - self._denied_at >= LOGIN_REFUSED_SECONDS:
+            how = ("the password in FLIGHTVM_SSH_PASSWORD" if self.ssh.login.password is not None
+                   else f"the key {self.ssh.login.key} (--flightvm-ssh-key)")
+            raise BootError(f"VM {self.name}: sshd refused the login as {self.ssh.user!r} "
+                            f"(Permission denied); check {how} and --flightvm-ssh-user",
+                            detail=stderr.strip()[-500:])
+
+    def _check_sudo(self) -> None:
+        res = self.ssh.run("sudo -n true", check=False, timeout=20, connect_timeout=3)
+        if res.returncode not in (0, 255):
+            raise BootError(f"VM {self.name}: user {self.ssh.user!r} cannot run sudo without a "
+                            "password; flightvm runs guest setup with sudo -n, so give it "
+                            "NOPASSWD in the image's sudoers", detail=res.stderr.strip()[-500:])
+
+    def _systemd_ready(self) -> bool:
+        """Without cloud-init: SSH answers and systemd's boot has settled (bounded wait)."""
+        res = self.ssh.run(f"timeout {SYSTEMD_WAIT_SECONDS} systemctl is-system-running --wait",
+                           check=False, timeout=SYSTEMD_WAIT_SECONDS + 15, connect_timeout=3)
+        if res.returncode == 255:
+            self._check_login_refused(res.stderr)
+            return False
+        state = res.stdout.strip().splitlines()[-1:] or [""]
+        if state[0] in ("running", "degraded"):
+            return True
+        if state[0] in ("maintenance", "offline"):
+            raise BootError(f"VM {self.name}: systemd is in state {state[0]!r}, it will not "
+                            "finish booting", detail=res.stderr.strip()[-500:])
+        return False  # initializing, starting, or the bounded wait ran out: ask again
+
     def _cloud_init_status(self) -> str:
         res = self.ssh.run("cloud-init status", check=False, timeout=20, connect_timeout=3)
         status = res.stdout.strip()
         if res.returncode == 127 or "disabled" in status:
+            if self.ssh.login.baked:
+                return "absent"
             raise BootError(f"VM {self.name}: cloud-init is "
                             f"{'disabled' if 'disabled' in status else 'not installed'} in the "
                             "guest; flightvm configures guests through it, so use an image "
-                            "where it runs")
+                            "where it runs, or log in as the image's own user with "
+                            "--flightvm-ssh-user")
         if "error" in status:
             return "error"
         return "done" if "done" in status else "running"
@@ -271,8 +334,11 @@ class Machine:
             shutil.rmtree(self.vm_dir, ignore_errors=True)
 
     # ----------------------------------------------------------------- VM API
-    def run(self, cmd: str, *, check: bool = True, timeout: float | None = 120) -> CommandResult:
-        return self.ssh.run(cmd, check=check, timeout=timeout)
+    def run(self, cmd: str, *, check: bool = True, timeout: float | None = 120,
+            input: bytes | str | None = None) -> CommandResult:  # noqa: A002 - subprocess's name
+        """Run ``cmd`` in the guest; ``input`` (bytes, or str sent as UTF-8) is its stdin."""
+        data = input.encode("utf-8") if isinstance(input, str) else input
+        return self.ssh.run(cmd, check=check, timeout=timeout, stdin=data)
 
     def sudo(self, cmd: str, *, check: bool = True, timeout: float | None = 120) -> CommandResult:
         return self.ssh.run(f"sudo sh -c {shlex.quote(cmd)}", check=check, timeout=timeout)

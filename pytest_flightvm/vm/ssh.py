@@ -3,6 +3,12 @@
 We drive the system ``ssh`` client with ControlMaster, so every ``run`` after
 the first rides the same TCP connection and costs one channel, not one
 handshake. Keys are per run, generated with ``ssh-keygen`` and kept 0600.
+
+A baked login (an image that already has a user) logs in with the user's own
+key, or with a password through OpenSSH's own askpass: ``SSH_ASKPASS_REQUIRE=force``
+runs a tiny 0700 script from the run dir that prints the password from an
+environment variable set only for that ssh child. The password is never on
+an argv, in a file, or in any message.
 """
 
 from __future__ import annotations
@@ -38,6 +44,42 @@ def require_tool(name: str, package: str) -> str:
     if not path:
         raise ToolMissingError(f"{name} not found; install it with: apt-get install {package}")
     return path
+
+
+#: The variable the askpass script reads; set only in the environment of our ssh children.
+ASKPASS_ENV = "FLIGHTVM_ASKPASS_SECRET"
+_ASKPASS_SCRIPT = f"""#!/bin/sh
+# flightvm askpass: OpenSSH runs this (SSH_ASKPASS_REQUIRE=force) for the login password.
+printf '%s\\n' "${ASKPASS_ENV}"
+"""
+
+
+def write_askpass(directory: Path) -> Path:
+    """Write the 0700 askpass script into the private ``directory`` (it holds no secret);
+    an O_EXCL temp file renamed into place: a planted link is replaced, never followed."""
+    from ..statedir import private_dir, replace_file
+
+    path = private_dir(directory) / "askpass"
+    replace_file(path, _ASKPASS_SCRIPT.encode(), mode=0o700)
+    return path
+
+
+@dataclass(frozen=True)
+class Login:
+    """How to log in: the run's key (cloud-init made the user), or a baked login's key or password.
+
+    ``password`` and ``askpass`` go together; ``repr`` never shows the password.
+    """
+
+    user: str
+    key: Path
+    password: str | None = None
+    askpass: Path | None = None
+    baked: bool = False
+
+    def __repr__(self) -> str:
+        how = "password" if self.password is not None else f"key {self.key}"
+        return f"Login({self.user}, {how}{', baked' if self.baked else ''})"
 
 
 def generate_keypair(directory: Path, name: str = "id_ed25519", *,
@@ -114,11 +156,13 @@ class SSHClient:
     """One guest endpoint: ``user@127.0.0.1:port`` with a private key."""
 
     def __init__(self, port: int, key: Path, user: str, host: str = "127.0.0.1", *,
-                 known_hosts: Path | None = None, host_key_check: str = "yes") -> None:
+                 known_hosts: Path | None = None, host_key_check: str = "yes",
+                 login: Login | None = None) -> None:
         require_tool("ssh", "openssh-client")
+        self.login = login or Login(user, key)
         self.port = port
-        self.key = key
-        self.user = user
+        self.key = self.login.key
+        self.user = self.login.user
         self.host = host
         # The VM's own known_hosts (see vm/hostkey.py): "yes" when it pins the key the
         # seed gave the guest, "accept-new" when the first contact pins the image's key.
@@ -129,8 +173,26 @@ class SSHClient:
         self._control_dir = Path(tempfile.mkdtemp(prefix="fvm-ssh-"))
         self._control_path = self._control_dir / "%C"
 
+    def _auth_options(self) -> list[str]:
+        """Login options; they come first, and ssh keeps the first value of each option."""
+        if self.login.password is not None:
+            # askpass needs BatchMode off; one prompt, so a wrong password fails at once
+            return ["-o", "BatchMode=no", "-o", "PubkeyAuthentication=no",
+                    "-o", "PreferredAuthentications=password,keyboard-interactive",
+                    "-o", "NumberOfPasswordPrompts=1"]
+        if self.login.baked:
+            return ["-o", "IdentitiesOnly=yes"]
+        return []
+
+    def _env(self) -> dict[str, str] | None:
+        """The ssh child's environment: ours plus, for a password, askpass and the secret."""
+        if self.login.password is None or self.login.askpass is None:
+            return None
+        return {**os.environ, "SSH_ASKPASS": str(self.login.askpass),
+                "SSH_ASKPASS_REQUIRE": "force", ASKPASS_ENV: self.login.password}
+
     def options(self, *, connect_timeout: int = 5) -> list[str]:
-        return [
+        return [*self._auth_options(),
             "-o", "BatchMode=yes",
             *self.host_key_options(),
             "-o", "LogLevel=ERROR",
@@ -153,9 +215,10 @@ class SSHClient:
 
     def command(self) -> str:
         """A shell line a human can paste to reach this guest (host key checked against
-        the VM's own known_hosts)."""
+        the VM's own known_hosts; never with a password)."""
         hk = " ".join(shlex.quote(o) for o in self.host_key_options())
-        return f"ssh -p {self.port} -i {shlex.quote(str(self.key))} {hk} {self.user}@{self.host}"
+        auth = "" if self.login.password is not None else f" -i {shlex.quote(str(self.key))}"
+        return f"ssh -p {self.port}{auth} {hk} {self.user}@{self.host}"
 
     def run(
         self,
@@ -169,7 +232,8 @@ class SSHClient:
         argv = ["ssh", *self.options(connect_timeout=connect_timeout),
                 f"{self.user}@{self.host}", "--", cmd]
         try:
-            proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
+            proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout,
+                                  env=self._env())
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"").decode(errors="replace")
             err = (exc.stderr or b"").decode(errors="replace")
@@ -194,7 +258,8 @@ class SSHClient:
                 f"cat {shlex.quote(remote)}"]
         local = Path(local)
         with open(local, "wb") as out:
-            proc = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=300)
+            proc = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=300,
+                                  env=self._env())
         if proc.returncode != 0:
             local.unlink(missing_ok=True)
             raise GuestCommandError(f"cat {remote}", proc.returncode, "", proc.stderr.decode())

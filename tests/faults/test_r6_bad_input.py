@@ -109,6 +109,34 @@ def test_malformed_yaml_user_data(pytester: pytest.Pytester, tally: Tally,
         assert not list(tmp_path.glob("*.iso"))
 
 
+# -- baked logins and a cloud-init dir that cannot merge ---------------------------------------
+
+
+@pytest.mark.parametrize("case", ["no credential", "public key", "script user-data"])
+def test_bad_login_or_unmergeable_cloud_init_dir(case: str, pytester: pytest.Pytester,
+                                                 tally: Tally, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    with tally.trial("R6", f"baked login / cloud-init dir: {case}"):
+        cache = pytester.path / "cache"
+        monkeypatch.delenv("FLIGHTVM_SSH_PASSWORD", raising=False)
+        if case == "no credential":
+            args, fix = ["--flightvm-ssh-user=user"], ["--flightvm-ssh-key", "FLIGHTVM_SSH_PASSWORD"]
+        elif case == "public key":
+            pub = tmp_path / "id_ed25519.pub"
+            pub.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB flightvm\n")
+            args = ["--flightvm-ssh-user=user", f"--flightvm-ssh-key={pub}"]
+            fix = [str(pub), "not a private key"]
+        else:
+            ci = tmp_path / "cloud-init"
+            ci.mkdir()
+            (ci / "user-data").write_text("#!/bin/sh\necho hi\n")
+            (ci / "meta-data").write_text("instance-id: i-1\n")
+            args, fix = [f"--flightvm-cloud-init-dir={ci}"], ["user-data", "#cloud-config"]
+        result, text = session(pytester, f"--flightvm-cache-dir={cache}", *args)
+        check_usage_error(result, text, fix)
+        check_no_domain(cache)
+
+
 # -- missing VM config files ------------------------------------------------------------------
 
 

@@ -8,7 +8,10 @@ service start) runs for real in the guest:
 
 - ``/usr/bin/flightctl-agent`` reads ``/etc/flightctl/config.yaml``, lists
   ``/etc/flightctl/certs/`` and writes ``/var/lib/flightctl-agent/status``
-  (``config_sha256=<hex>`` and ``certs=<names>``), then sleeps forever;
+  (``config_sha256=<hex>``, ``certs=<names>``, ``identity=<hex>``), then sleeps forever;
+- like the real agent, it keeps its identity in ``/var/lib/flightctl``: a random
+  ``identity`` made on its first start (kept across restarts), and a fresh
+  ``certs/agent.csr`` on every start, so a test can tell one reset from another;
 - ``flightctl-agent.service`` (``Type=simple``) runs it.
 
 Used from Python (``build_agent_deb``, ``make_vm_config``) or from a shell::
@@ -43,10 +46,17 @@ set -eu
 config=/etc/flightctl/config.yaml
 certs=/etc/flightctl/certs
 state=/var/lib/flightctl-agent
-mkdir -p "$state"
+lib=/var/lib/flightctl
+mkdir -p "$state" "$lib/certs"
+if [ ! -s "$lib/identity" ]; then
+    od -An -N16 -tx1 /dev/urandom | tr -d ' \\n' >"$lib/identity"
+fi
+identity=$(cat "$lib/identity")
+printf 'csr of %s\\n' "$identity" >"$lib/certs/agent.csr"
 sum=$(sha256sum "$config" | cut -d' ' -f1)
 names=$(ls -1 "$certs" 2>/dev/null | tr '\\n' ' ' | sed 's/ $//')
-printf 'config_sha256=%s\\ncerts=%s\\n' "$sum" "$names" >"$state/status.tmp"
+printf 'config_sha256=%s\\ncerts=%s\\nidentity=%s\\n' "$sum" "$names" "$identity" \
+    >"$state/status.tmp"
 mv "$state/status.tmp" "$state/status"
 echo "flightctl-agent: config sha256 $sum, certs: $names"
 exec sleep infinity

@@ -21,6 +21,7 @@ so a dir made another way is checked against its own contents.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import time
@@ -117,3 +118,86 @@ def test_agent_service_active_and_saw_the_config(
         time.sleep(2)
     assert f"config_sha256={facts['config_sha256']}" in status.splitlines(), status
     assert f"certs={' '.join(facts['cert_names'])}" in status.splitlines(), status
+
+
+def test_login_and_payload_path(flightctl_vm: Any) -> None:
+    """FLIGHTVM_TEST_EXPECT=login: the image's own user, no cloud-init, payload over SSH;
+    otherwise the run's user made by cloud-init, payload from the seed ISO."""
+    who = flightctl_vm.run("id -un").stdout.strip()
+    log = sudo(flightctl_vm, "cat /var/log/flightvm-setup.log").stdout
+    has_cloud_init = flightctl_vm.run("command -v cloud-init", check=False).returncode == 0
+    if os.environ.get("FLIGHTVM_TEST_EXPECT") == "login":
+        assert (who, has_cloud_init) == ("user", False)
+        assert "step 1/7 mount-seed: ok (using /run/flightvm/payload)" in log, log
+    else:
+        assert (who, has_cloud_init) == ("flightvm", True)
+        assert "step 1/7 mount-seed: ok (/dev/" in log, log
+
+
+def test_run_sends_input(flightctl_vm: Any) -> None:
+    data = bytes(range(256)) * 64
+    out = flightctl_vm.run("sha256sum", input=data).stdout.split()[0]
+    assert out == hashlib.sha256(data).hexdigest()
+    assert flightctl_vm.run("cat", input="héllo\n").stdout == "héllo\n"
+
+
+# The reset order, across tests (they run in file order on one VM): what one test leaves
+# in /var/lib/flightctl is gone in the next, and a marker-stopped agent stays stopped.
+_seen: dict[str, str] = {}
+STATE = "/var/lib/flightctl"
+
+
+def _identity(vm: Any) -> str:
+    """The agent's identity, made by the agent when it started after this test's reset."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        res = sudo(vm, f"cat {STATE}/identity", check=False)
+        if res.returncode == 0 and res.stdout.strip():
+            return str(res.stdout.strip())
+        time.sleep(1)
+    raise AssertionError(f"the agent wrote no {STATE}/identity in 60 s")
+
+
+def test_reset_1_agent_leaves_state(flightctl_vm: Any) -> None:
+    _seen["identity"] = _identity(flightctl_vm)
+    sudo(flightctl_vm, f"touch {STATE}/left-by-test-1")
+    assert sudo(flightctl_vm, f"test -s {STATE}/certs/agent.csr", check=False).returncode == 0
+
+
+@pytest.mark.flightvm(agent="stopped")
+def test_reset_2_stopped_agent_finds_no_state(flightctl_vm: Any, facts: dict[str, Any]) -> None:
+    assert "identity" in _seen, "test_reset_1 must run first"
+    assert sudo(flightctl_vm, f"ls -A {STATE}").stdout.split() == []  # no identity, no agent.csr
+    time.sleep(5)
+    state = flightctl_vm.run(f"sudo -n systemctl is-active {facts['unit']}", check=False)
+    assert state.stdout.strip() == "inactive"
+    assert sudo(flightctl_vm, f"test -e {STATE}/certs/agent.csr", check=False).returncode == 1
+
+
+def test_reset_3_agent_starts_fresh(flightctl_vm: Any, facts: dict[str, Any]) -> None:
+    state = flightctl_vm.run(f"sudo -n systemctl is-active {facts['unit']}", check=False)
+    assert state.stdout.strip() == "active"
+    identity = _identity(flightctl_vm)
+    assert identity != _seen["identity"]
+    assert sudo(flightctl_vm, f"test -e {STATE}/left-by-test-1", check=False).returncode == 1
+
+
+def test_a_wrong_credential_is_refused_at_once(flightctl_vm: Any, tmp_path: Path) -> None:
+    """What flightvm's fast failure relies on, from the real sshd: a wrong password
+    (through askpass) or an unknown key ends ssh at once with 255 and "Permission denied"."""
+    from pytest_flightvm.vm.ssh import Login, SSHClient, generate_keypair, write_askpass
+
+    key, _ = generate_keypair(tmp_path / "other")
+    if os.environ.get("FLIGHTVM_TEST_EXPECT") == "login":
+        login = Login("user", key, password="not-the-password",
+                      askpass=write_askpass(tmp_path / "askpass"), baked=True)
+    else:
+        login = Login("flightvm", key, baked=True)
+    client = SSHClient(flightctl_vm.ssh_port, key, login.user, login=login)
+    start = time.monotonic()
+    try:
+        res = client.run("true", check=False, timeout=60)
+    finally:
+        client.cleanup()
+    assert res.returncode == 255 and "Permission denied" in res.stderr, res
+    assert time.monotonic() - start < 30

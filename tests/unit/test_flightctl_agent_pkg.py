@@ -63,14 +63,23 @@ def test_agent_program_writes_status(agent_pkg: ModuleType, tmp_path: Path) -> N
     script = (
         agent_pkg.AGENT_SCRIPT.replace("/etc/flightctl", str(etc))
         .replace("/var/lib/flightctl-agent", str(state))
+        .replace("/var/lib/flightctl", str(tmp_path / "lib"))
         .replace("exec sleep infinity", "exit 0")
     )
+    assert "/var/lib" not in script
     subprocess.run(["sh", "-c", script], check=True, capture_output=True, timeout=30)
     digest = hashlib.sha256((etc / "config.yaml").read_bytes()).hexdigest()
+    identity = (tmp_path / "lib" / "identity").read_text()
+    assert len(identity) == 32 and int(identity, 16) >= 0
     assert (state / "status").read_text().splitlines() == [
         f"config_sha256={digest}",
         "certs=client.crt client.key",
+        f"identity={identity}",
     ]
+    (tmp_path / "lib" / "certs" / "agent.csr").unlink()
+    subprocess.run(["sh", "-c", script], check=True, capture_output=True, timeout=30)
+    assert (tmp_path / "lib" / "identity").read_text() == identity  # kept across restarts
+    assert (tmp_path / "lib" / "certs" / "agent.csr").read_text() == f"csr of {identity}\n"
 
 
 def test_vm_config_dir_is_complete_and_valid(vm_config: dict) -> None:

@@ -117,12 +117,14 @@ def test_seed_payload_and_fragment(tmp_path: Path) -> None:
         "flightctl/certs/client.crt",
         "flightctl/certs/client.key",
         "flightctl/config.yaml",
+        "flightctl/registry-hosts",
         "flightctl/registry.conf",
         "flightctl/rpms/flightctl-agent-0.1.x86_64.rpm",
         "flightctl/rpms/flightctl-agent_0.1_all.deb",
         "flightctl/setup.sh",
     ]
     assert payload["flightctl/config.yaml"] == CONFIG.encode()
+    assert payload["flightctl/registry-hosts"] == b"127.0.0.1:5000\n"
     assert payload["flightctl/setup.sh"] == setup_script().encode()
     assert fragment["runcmd"] == [["bash", GUEST_SCRIPT]]
     (wf,) = fragment["write_files"]

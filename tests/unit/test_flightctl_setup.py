@@ -406,3 +406,17 @@ def test_quiet_stderr_with_minimal_environment(harness: Harness) -> None:
     r = harness.run()
     assert r.returncode == 0
     assert r.stderr == "", r.stderr
+
+
+def test_registry_ca_goes_to_certs_d_for_each_host(harness: Harness) -> None:
+    harness.full_payload()
+    # written by the host side from registry.conf's locations; a path-like line is skipped
+    (harness.payload / "registry-hosts").write_text("registry.e2e:5000\n../escape\n[fd00::1]:5000\n")
+    r = harness.run()
+    assert r.returncode == 0, r.stdout + r.stderr + r.log
+    assert ("flightvm-setup: step 6/7 registry: ok (/etc/containers/registries.conf.d/"
+            "flightctl-e2e.conf, CA in /etc/containers/certs.d for 2 registry host(s))") in r.lines
+    certs_d = r.root / "etc" / "containers" / "certs.d"
+    assert sorted(p.name for p in certs_d.iterdir()) == ["[fd00::1]:5000", "registry.e2e:5000"]
+    ca = certs_d / "registry.e2e:5000" / "ca.crt"
+    assert ca.read_text() == "CA" and mode(ca) == 0o644

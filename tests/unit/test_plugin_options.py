@@ -6,6 +6,7 @@ import pytest
 def test_options_are_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(["*--flightvm-registry*", "*--flightvm-accel*",
+                                 "*--flightvm-ssh-user*", "*--flightvm-ssh-key*",
                                  "*--flightvm-keep*", "*--flightvm-reset*"])
 
 
