@@ -95,8 +95,9 @@ class VMPool:
             if not machine.is_running():
                 self.drop()
                 return self._boot(request, "reboot")
-        else:
-            self.after_revert(machine)
+        # also when no pristine point could be made: the profile's before_snapshot stopped
+        # the agent, and the test still gets the VM as after a reset
+        self.after_revert(machine)
         return machine
 
     def acquire(self, request: VMRequest, reset: str) -> Machine:
