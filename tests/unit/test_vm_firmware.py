@@ -142,3 +142,26 @@ def test_the_kvm_verdict_belongs_to_the_host_not_a_cache_dir(
     # a later run with any other cache dir decides at once
     assert accel.host_state_dir() == runtime / "flightvm"
     assert accel.initial_choice("auto", accel.host_state_dir()) == ("tcg", False)
+
+
+def test_no_pristine_point_on_a_running_vm_still_runs_after_revert(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_flightvm.errors import ResetFailed
+    from pytest_flightvm.vm import pool as pool_mod
+    from pytest_flightvm.vm.factory import VMRequest
+
+    vm = SimpleNamespace(spec=SimpleNamespace(firmware=fw.firmware("uefi-secure")),
+                         name="flightvm-x-1", is_running=lambda: True)
+    factory = SimpleNamespace(create=lambda request: vm, discard=lambda m: None)
+    events: list[str] = []
+
+    def broken_capture(machine):
+        raise ResetFailed("save of flightvm-x-1 failed: no space")
+
+    monkeypatch.setattr(pool_mod, "capture", broken_capture)
+    pool = pool_mod.VMPool(factory, before_snapshot=lambda m: events.append("before"),  # type: ignore[arg-type]
+                           after_revert=lambda m: events.append("after"),
+                           notice=events.append)
+    assert pool.acquire(VMRequest(), "snapshot") is vm
+    assert events[0] == "before" and events[-1] == "after"
+    assert any("no pristine point" in e for e in events)
