@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pytest_flightvm.cache.registry import FlightRegistry
 from pytest_flightvm.cache.resolve import ResolvedImage, push_file, resolve_image
@@ -25,3 +26,18 @@ def ensure_base_in_registry(local_registry: str) -> tuple[Settings, ResolvedImag
     if any(reg.manifest_digest(tag) is None for tag in image.tags):
         push_file(settings, image.path, list(image.tags), key=image.key)
     return settings, image
+
+
+def run_marked_test(pytester: Any, cache_dir: Path, marker_args: str) -> Any:
+    """Run one ``flightvm`` test carrying ``@pytest.mark.flightvm(<marker_args>)`` in a
+    subprocess, with a pinned image that does not exist: a marker that is checked first
+    fails before the image is looked at."""
+    pytester.makepyfile(f"""
+        import pytest
+        @pytest.mark.flightvm({marker_args})
+        def test_x(flightvm):
+            pass
+    """)
+    return pytester.runpytest_subprocess(f"--flightvm-cache-dir={cache_dir}",
+                                         "--flightvm-image=/nonexistent.qcow2",
+                                         "-p", "no:cacheprovider")

@@ -30,6 +30,7 @@ from pytest_flightvm.vm.hostports import (
     install_host_alias,
 )
 from pytest_flightvm.vm.ssh import CommandResult, SSHClient
+from tests.support import run_marked_test
 
 QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}arg"
 
@@ -222,15 +223,7 @@ def test_plugin_bad_host_port_is_a_one_line_usage_error(pytester: pytest.Pyteste
 
 
 def test_marker_host_ports_is_known_and_checked(pytester: pytest.Pytester, tmp_path: Path) -> None:
-    pytester.makepyfile("""
-        import pytest
-        @pytest.mark.flightvm(host_ports=["nope"])
-        def test_x(flightvm):
-            pass
-    """)
-    result = pytester.runpytest_subprocess(f"--flightvm-cache-dir={tmp_path}",
-                                           "--flightvm-image=/nonexistent.qcow2",
-                                           "-p", "no:cacheprovider")
+    result = run_marked_test(pytester, tmp_path, 'host_ports=["nope"]')
     assert result.ret != 0
     assert "unknown argument" not in result.stdout.str()
     assert "Traceback" not in result.stdout.str()

@@ -2,6 +2,8 @@
 
 import pytest
 
+from tests.support import run_marked_test
+
 
 def test_options_are_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--help")
@@ -42,15 +44,7 @@ def test_settings_fixture_sees_cli_and_env(
 
 
 def test_unknown_marker_argument_is_a_usage_error(pytester: pytest.Pytester, tmp_path) -> None:
-    pytester.makepyfile("""
-        import pytest
-        @pytest.mark.flightvm(memroy=2048)
-        def test_x(flightvm):
-            pass
-    """)
-    result = pytester.runpytest_subprocess(f"--flightvm-cache-dir={tmp_path}",
-                                           "--flightvm-image=/nonexistent.qcow2",
-                                           "-p", "no:cacheprovider")
+    result = run_marked_test(pytester, tmp_path, "memroy=2048")
     assert result.ret != 0
     assert "Traceback" not in result.stdout.str()
     # The marker is checked before the (bad) pinned image is even looked at.
