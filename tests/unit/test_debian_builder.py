@@ -59,12 +59,18 @@ def test_is_a_builder_and_identity_hashes_the_shipped_script() -> None:
     assert b.name == "debian-bookworm"
 
 
-def test_identity_changes_when_the_script_changes(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def _stand_in_script(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A tiny script in place of debian-build.sh, for the identity tests."""
     script = tmp_path / "debian-build.sh"
     script.write_text("#!/bin/bash\necho one\n")
     monkeypatch.setattr(debian, "SCRIPT", script)
+    return script
+
+
+def test_identity_changes_when_the_script_changes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    script = _stand_in_script(monkeypatch, tmp_path)
     b = DebianBuilder()
     first = b.identity
     assert first == b.identity  # stable
@@ -86,9 +92,7 @@ def test_identity_of_a_missing_script_is_a_build_error(
 def test_login_variant_has_its_own_identity(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    script = tmp_path / "debian-build.sh"
-    script.write_text("#!/bin/bash\necho one\n")
-    monkeypatch.setattr(debian, "SCRIPT", script)
+    script = _stand_in_script(monkeypatch, tmp_path)
     default, login = DebianBuilder(), DebianBuilder(variant="login")
     digest = hashlib.sha256(script.read_bytes()).hexdigest()
     assert default.variant == "cloud-init"
