@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..buildgroup import record_group
 from ..errors import BuildError, ConfigError, FlightVMError, ToolMissingError
 
 Log = Callable[[str], None]
@@ -147,8 +148,6 @@ class DebianBuilder:
             )
         except OSError as exc:
             raise BuildError(f"cannot run {self.script}: {exc.strerror}") from None
-        from ..cache.build import record_group
-
         record_group(output, proc)
         assert proc.stdout is not None
         try:

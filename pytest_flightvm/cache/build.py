@@ -9,7 +9,6 @@ the signature has it.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from ..buildgroup import record_group
 from ..errors import BuildError, ConfigError
 from .qcow2 import check_qcow2
 
@@ -89,49 +89,6 @@ class CommandBuilder:
                 detail="\n".join(tail),
             )
         check_qcow2(output, "the build command")
-
-
-GROUP_SUFFIX = ".pgid"
-
-
-def record_group(output: Path, proc: subprocess.Popen[bytes]) -> None:
-    """Note the builder's process group beside its temp output. If this process is
-    killed (-9) mid-build, the next sweep of the store's temp dir finds the note of
-    a dead owner and stops the orphaned builder (see ``Store.sweep_tmp``)."""
-    from ..vm.domain import process_start
-
-    note = output.with_name(output.name + GROUP_SUFFIX)
-    part = note.with_name(note.name + ".part")
-    part.write_text(f"{proc.pid} {process_start(proc.pid) or ''}\n")
-    os.replace(part, note)  # a sweep never reads a half-written note
-
-
-def stop_orphaned_group(note: Path, grace: float = 10.0) -> bool:
-    """SIGTERM the group recorded in ``note`` if that leader still runs; True if signalled.
-    SIGTERM first: the Debian builder's trap then unmounts and detaches loops. A
-    group whose leader is still there after ``grace`` seconds gets SIGKILL."""
-    from ..vm.domain import process_is_zombie, process_start
-
-    try:
-        pid_text, _, start = note.read_text().strip().partition(" ")
-        pgid = int(pid_text)
-    except (OSError, ValueError):
-        return False
-    if process_start(pgid) is None or (start and process_start(pgid) != start):
-        return False  # gone, or the pid was reused by an unrelated process
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return False
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = process_start(pgid)
-        if now is None or (start and now != start) or process_is_zombie(pgid):
-            return True
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)  # it ignored SIGTERM (or its trap hung)
-    return True
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import Timeout
 
+from ..buildgroup import GROUP_SUFFIX
 from ..config import Settings
 from ..errors import (
     ArtifactNotFound,
@@ -48,7 +49,7 @@ from ..errors import (
     RegistryUnavailable,
     StoreUnusable,
 )
-from .build import GROUP_SUFFIX, Builder, builder_for
+from .build import Builder, builder_for
 from .key import CacheKey, compute_key, git_commit, tags_for
 from .qcow2 import check_qcow2
 from .reference import Reference, is_loopback

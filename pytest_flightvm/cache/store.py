@@ -510,7 +510,7 @@ class Store:
                 if not _writer_gone(path):
                     continue
                 if path.name.endswith(".pgid"):
-                    from .build import stop_orphaned_group
+                    from ..buildgroup import stop_orphaned_group
 
                     stop_orphaned_group(path)  # a builder that outlived its killed owner
                 if path.is_dir() and not path.is_symlink():

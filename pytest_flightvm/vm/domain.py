@@ -23,10 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from ..procs import pid_namespace, process_is_zombie, process_start
+from ..procs import pid_namespace, process_start
 from .firmware import FIRMWARES, Firmware
-
-__all__ = ["process_is_zombie", "process_start"]  # their old home; procs.py has them now
 
 METADATA_NS = "https://flightvm.dev/xmlns/vm/1"
 METADATA_PREFIX = "flightvm"

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..procs import pid_namespace, same_process
+from ..procs import pid_namespace, process_start, same_process
 from ..statedir import private_dir, read_file, replace_file, user_state_dir
-from .domain import process_start
 
 
 def default_state_dir() -> Path:

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..procs import pid_namespace, same_process
+from ..procs import pid_namespace, process_start, same_process
 from ..statedir import read_file, replace_file
-from .domain import RUN_ID_RE, DomainInfo, parse_metadata, process_start, vm_name_problem
+from .domain import RUN_ID_RE, DomainInfo, parse_metadata, vm_name_problem
 from .libvirt_conn import connect, error_text, undefine
 
 KEPT_MARKER = "KEPT"

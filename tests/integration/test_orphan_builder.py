@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from pytest_flightvm.cache.store import Store
-from pytest_flightvm.vm.domain import process_start
+from pytest_flightvm.procs import process_start
 
 CHILD = """
 import sys

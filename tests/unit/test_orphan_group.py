@@ -6,8 +6,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from pytest_flightvm.cache.build import stop_orphaned_group
-from pytest_flightvm.vm.domain import process_start
+from pytest_flightvm.buildgroup import stop_orphaned_group
+from pytest_flightvm.procs import process_start
 
 
 def _group(script: str, note: Path) -> subprocess.Popen[bytes]:

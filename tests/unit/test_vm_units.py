@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from pytest_flightvm.errors import BootError
-from pytest_flightvm.procs import pid_namespace
+from pytest_flightvm.procs import pid_namespace, process_start
 from pytest_flightvm.vm import accel
-from pytest_flightvm.vm.domain import DomainSpec, Owner, parse_metadata, process_start
+from pytest_flightvm.vm.domain import DomainSpec, Owner, parse_metadata
 from pytest_flightvm.vm.ports import release_port, reserve_port
 from pytest_flightvm.vm.ready import ConsoleWatcher, Probe, wait_until_ready
 from pytest_flightvm.vm.reaper import owner_is_alive
