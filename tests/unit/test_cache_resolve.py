@@ -69,7 +69,9 @@ def test_rebuild_builds_once_per_run(settings: Settings, tmp_path: Path) -> None
 
 def test_damaged_local_blob_is_replaced(settings: Settings, tmp_path: Path) -> None:
     first = resolve_image(settings, log=lambda m: None)
+    os.chmod(first.path, 0o644)  # 0444 in the store: only root could damage it without this
     os.truncate(first.path, 100)
+    os.chmod(first.path, 0o444)
     msgs: list[str] = []
     second = resolve_image(settings, log=msgs.append)
     assert second.source == "build" and builds(tmp_path) == 2
