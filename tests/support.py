@@ -3,8 +3,10 @@ conftest puts the repository on sys.path)."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +43,33 @@ def run_marked_test(pytester: Any, cache_dir: Path, marker_args: str) -> Any:
     return pytester.runpytest_subprocess(f"--flightvm-cache-dir={cache_dir}",
                                          "--flightvm-image=/nonexistent.qcow2",
                                          "-p", "no:cacheprovider")
+
+
+class TagServer:
+    """A loopback HTTP server that answers ``<tag> <path>`` and records each request."""
+
+    def __init__(self, tag: str, address: str = "127.0.0.1") -> None:
+        self.tag = tag
+        self.paths: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.paths.append(self.path)
+                body = f"{outer.tag} {self.path}\n".encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer((address, 0), Handler)
+        self.port = int(self.httpd.server_address[1])
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

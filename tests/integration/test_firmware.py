@@ -8,13 +8,21 @@ One pytest run per combination (a subprocess, one worker, one VM), two tests in 
    TPM PCR 16;
 2. finds all of it back at the pristine point (the NVRAM file byte-equal to the pristine
    copy), after a save/restore reset.
+
+The same VMs check the guest network (one boot serves both): upstream's template
+(``uefi-secure-unenrolled``) runs with ``--flightvm-guest-outbound``, so its guest reaches
+a host service on 127.0.0.1 at 10.0.2.2 but not one bound only to 127.0.0.2; the
+``bios-tpm`` guest has the default closed network and reaches neither.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support import TagServer
 
 pytestmark = pytest.mark.vm
 
@@ -25,6 +33,8 @@ from pathlib import Path
 FIRMWARE = os.environ["FLIGHTVM_FIRMWARE"]
 TPM = os.environ.get("FLIGHTVM_TPM") == "1"
 CPU = os.environ.get("FLIGHTVM_CPU")
+OUTBOUND = os.environ.get("FLIGHTVM_GUEST_OUTBOUND") == "1"
+NET = os.environ.get("FW_NET_CHECK") == "1"
 EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
 OUR_VAR = "/sys/firmware/efi/efivars/FlightvmTest-b2ac5fc9-92b7-4acd-aeac-11e818c3130c"
 ZERO_PCR = "0" * 64
@@ -37,6 +47,17 @@ def efi_byte(vm, name):
 
 def pcr16(vm):
     return vm.run("cat /sys/class/tpm/tpm0/pcr-sha256/16").stdout.strip().lower()
+
+
+def fetch(vm, port):
+    """The guest's GET of the host's 10.0.2.2:port (slirp's host address), 5 s at most."""
+    code = ("import sys, urllib.request as u\n"
+            "try:\n"
+            "    print(u.urlopen(sys.argv[1], timeout=5).read().decode().strip())\n"
+            "except Exception as e:\n"
+            "    print('ERR', type(e).__name__); sys.exit(3)")
+    return vm.run(f"python3 - http://10.0.2.2:{port}/fw", input=code, check=False,
+                  timeout=60).stdout.strip()
 
 
 def assert_pristine(vm):
@@ -65,6 +86,14 @@ def test_1_features_then_dirty(flightvm):
     if CPU:
         levels = flightvm.run("/lib64/ld-linux-x86-64.so.2 --help").stdout
         assert "x86-64-v3 (supported, searched)" in levels, levels
+    if NET:
+        on_loopback = fetch(flightvm, int(os.environ["FW_LOOPBACK_PORT"]))
+        elsewhere = fetch(flightvm, int(os.environ["FW_OTHER_ADDR_PORT"]))
+        assert elsewhere.startswith("ERR"), elsewhere  # bound to 127.0.0.2 only: never
+        if OUTBOUND:
+            assert on_loopback == "fw-loopback /fw", on_loopback
+        else:
+            assert on_loopback.startswith("ERR"), on_loopback
     assert_pristine(flightvm)
 
     flightvm.run("sudo touch /var/tmp/dirty-disk && touch /dev/shm/dirty-tmpfs && sync")
@@ -82,22 +111,41 @@ def test_2_clean_again(flightvm):
     assert_pristine(flightvm)
 '''
 
-COMBOS = [
-    pytest.param("uefi", False, "Haswell-noTSX-IBRS", id="uefi-haswell"),
-    pytest.param("uefi-secure", True, None, id="uefi-secure-tpm"),
-    pytest.param("uefi-secure-unenrolled", False, None, id="uefi-secure-unenrolled"),
-    pytest.param("bios", True, None, id="bios-tpm"),
+COMBOS = [  # firmware, TPM, CPU model, guest network (None: not checked)
+    pytest.param("uefi", False, "Haswell-noTSX-IBRS", None, id="uefi-haswell"),
+    pytest.param("uefi-secure", True, None, None, id="uefi-secure-tpm"),
+    pytest.param("uefi-secure-unenrolled", False, None, "outbound", id="uefi-secure-unenrolled"),
+    pytest.param("bios", True, None, "closed", id="bios-tpm"),
 ]
 
 
-@pytest.mark.parametrize(("firmware", "tpm", "cpu"), COMBOS)
-def test_firmware_tpm_cpu_and_reset(vm_suite, firmware: str, tpm: bool, cpu: str | None) -> None:
+@pytest.fixture
+def host_services() -> Iterator[tuple[TagServer, TagServer]]:
+    """A host service on 127.0.0.1 and one bound to 127.0.0.2 only."""
+    loopback, other = TagServer("fw-loopback"), TagServer("fw-other", "127.0.0.2")
+    yield loopback, other
+    loopback.close()
+    other.close()
+
+
+@pytest.mark.parametrize(("firmware", "tpm", "cpu", "net"), COMBOS)
+def test_firmware_tpm_cpu_and_reset(vm_suite, host_services, firmware: str, tpm: bool,
+                                    cpu: str | None, net: str | None) -> None:
     Path("test_firmware_suite.py").write_text(SUITE)
     env = {"FLIGHTVM_FIRMWARE": firmware, "FLIGHTVM_TPM": "1" if tpm else "0"}
     if cpu:
         env["FLIGHTVM_CPU"] = cpu
+    loopback, other = host_services
+    if net:
+        env.update(FW_NET_CHECK="1", FW_LOOPBACK_PORT=str(loopback.port),
+                   FW_OTHER_ADDR_PORT=str(other.port),
+                   FLIGHTVM_GUEST_OUTBOUND="1" if net == "outbound" else "0")
     result, metrics = vm_suite.run("-v", "-p", "no:randomly", **env)
     result.assert_outcomes(passed=2)
+    if net == "outbound":
+        assert loopback.paths == ["/fw"] and other.paths == []
+    elif net == "closed":
+        assert loopback.paths == [] and other.paths == []
     (vm,) = metrics["vms"]
     assert (vm["firmware"], vm["tpm"], vm["cpu"]) == (firmware, tpm, cpu)
     resets = [r for r in metrics["resets"] if r["ok"]]

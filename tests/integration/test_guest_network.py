@@ -10,13 +10,13 @@ suite runs in a pytester subprocess with ``--flightvm-host-port`` and
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support import TagServer
 
 pytestmark = pytest.mark.vm
 
@@ -109,39 +109,9 @@ def test_c_marker_port_gone_again_and_reboot(flightvm):
 '''
 
 
-class _Server:
-    """A loopback HTTP server that answers ``<tag> <path>`` and records each request."""
-
-    def __init__(self, tag: str) -> None:
-        self.tag = tag
-        self.paths: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.paths.append(self.path)
-                body = f"{outer.tag} {self.path}\n".encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = int(self.httpd.server_address[1])
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def servers() -> Iterator[tuple[_Server, _Server]]:
-    named, other = _Server("named-host-service"), _Server("other-host-service")
+def servers() -> Iterator[tuple[TagServer, TagServer]]:
+    named, other = TagServer("named-host-service"), TagServer("other-host-service")
     yield named, other
     named.close()
     other.close()
