@@ -211,7 +211,6 @@ def _seed_render(args: argparse.Namespace) -> int:
     from .seed.render import (
         SeedSpec,
         check_cloud_init_dir,
-        load_cloud_init_dir,
         load_user_data,
         merge_cloud_init_dir,
         render,
@@ -220,10 +219,8 @@ def _seed_render(args: argparse.Namespace) -> int:
     if not (args.user_data or args.vm_config or args.cloud_init_dir):
         raise ConfigError("seed render needs --user-data FILE, --vm-config DIR or "
                           "--cloud-init-dir DIR (any of them together)")
-    given = None
-    if args.cloud_init_dir:
-        check_cloud_init_dir(args.cloud_init_dir)  # before a key is generated next to -o
-        given = load_cloud_init_dir(args.cloud_init_dir)
+    # checked before a key is generated next to -o
+    given = check_cloud_init_dir(args.cloud_init_dir) if args.cloud_init_dir else None
     payload: dict[str, bytes] = {}
     overrides: list[dict[str, Any]] = []
     if args.user_data:
@@ -258,6 +255,7 @@ def _seed_render(args: argparse.Namespace) -> int:
     out = write_iso(files, args.output)
     print(out)
     return 0
+
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent host setup for pytest-flightvm (Debian 12, no systemd).
-#   - installs the Debian packages from docs/HOST.md
+#   - installs the Debian packages listed below (docs/HOST.md says why each is needed)
 #   - starts virtlogd and libvirtd when they are not running
 #   - starts a local CNCF registry on 127.0.0.1:5000 when none answers there, first
 #     pruning what earlier test/bench/demo runs pushed to it

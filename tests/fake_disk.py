@@ -50,3 +50,17 @@ def write_fake_qcow2(path: Path, size: int, seed: int | bytes | None = None) -> 
             left -= len(part)
             i += 1
     return path
+
+
+def qcow2_with(tmp_path: Path, **fields: int) -> Path:
+    """A header-only qcow2 (``d.qcow2``) with some header ``fields`` set: backing_offset,
+    backing_size, crypt, version, incompatible, size."""
+    data = bytearray(HEADER)
+    offsets = {"backing_offset": (8, ">Q"), "backing_size": (16, ">I"), "crypt": (32, ">I"),
+               "version": (4, ">I"), "incompatible": (72, ">Q"), "size": (24, ">Q")}
+    for name, value in fields.items():
+        off, fmt = offsets[name]
+        struct.pack_into(fmt, data, off, value)
+    path = tmp_path / "d.qcow2"
+    path.write_bytes(bytes(data))
+    return path

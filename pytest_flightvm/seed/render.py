@@ -271,9 +271,12 @@ def _parse_cloud_init_dir(files: Mapping[str, bytes], source: Path | str
     return user or {}, meta or {}
 
 
-def check_cloud_init_dir(path: Path) -> None:
-    """Load and parse a prepared NoCloud dir up front (bad input stops the run early)."""
-    _parse_cloud_init_dir(load_cloud_init_dir(path), path)
+def check_cloud_init_dir(path: Path) -> dict[str, bytes]:
+    """Load and parse a prepared NoCloud dir up front (bad input stops the run early);
+    return its files."""
+    files = load_cloud_init_dir(path)
+    _parse_cloud_init_dir(files, path)
+    return files
 
 
 def _names(users: Any) -> list[str]:

@@ -15,7 +15,7 @@ from pytest_flightvm.cache import resolve_image
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.config import Settings
 from pytest_flightvm.errors import BuildError, ConfigError
-from tests.fake_disk import write_fake_qcow2
+from tests.fake_disk import qcow2_with, write_fake_qcow2
 
 
 def build_cmd(counter: Path, size_kib: int = 256) -> str:
@@ -180,12 +180,8 @@ def test_pinned_relative_path(settings: Settings, tmp_path: Path) -> None:
 
 def test_pinned_file_naming_a_backing_file_is_refused(settings: Settings, tmp_path: Path) -> None:
     # a downloaded image whose header points QEMU (running as root) at a host file
-    src = write_fake_qcow2(tmp_path / "evil.qcow2", 4096, b"evil")
-    data = bytearray(src.read_bytes())
-    name = b"/etc/shadow"
-    data[8:16] = (1024).to_bytes(8, "big")  # backing file offset
-    data[16:20] = len(name).to_bytes(4, "big")  # and size
-    data[1024:1024 + len(name)] = name
+    src = qcow2_with(tmp_path, backing_offset=1024, backing_size=len(b"/etc/shadow"))
+    data = bytearray(src.read_bytes()).ljust(1024, b"\0") + b"/etc/shadow"
     src.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match="backing file.*qemu-img convert"):
         resolve_image(settings.replace(image=str(src)), log=lambda m: None)

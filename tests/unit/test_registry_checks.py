@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import io
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from pytest_flightvm.cache.registry.client import Client
 from pytest_flightvm.cache.registry.documents import check_manifest, check_reference
 from pytest_flightvm.cache.registry.streams import Budget, GunzipReader, zstd_chunks
 from pytest_flightvm.errors import NotQcow2Error, RegistryError
-from tests.fake_disk import HEADER
+from tests.fake_disk import qcow2_with
 
 D = "sha256:" + "a" * 64
 
@@ -53,18 +52,6 @@ def test_references_are_checked_before_they_go_in_a_url(ref: str) -> None:
     with pytest.raises(RegistryError):
         check_reference(ref, "r")
     assert check_reference("base-qcow2-latest", "r") == "base-qcow2-latest"
-
-
-def qcow2_with(tmp_path: Path, **fields: int) -> Path:
-    data = bytearray(HEADER)
-    offsets = {"backing_offset": (8, ">Q"), "crypt": (32, ">I"), "version": (4, ">I"),
-               "incompatible": (72, ">Q"), "size": (24, ">Q")}
-    for name, value in fields.items():
-        off, fmt = offsets[name]
-        struct.pack_into(fmt, data, off, value)
-    path = tmp_path / "d.qcow2"
-    path.write_bytes(bytes(data))
-    return path
 
 
 @pytest.mark.parametrize("fields,words", [
