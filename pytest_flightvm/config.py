@@ -303,9 +303,10 @@ def resolve(
                 continue
             values[opt.name] = _convert(opt, raw, where, rootdir)
             break
-    # push: explicit setting wins; otherwise push only when running in CI.
+    # push: explicit setting wins; otherwise push only when running in CI (CI is set by
+    # every CI system, to values we do not own: anything but a true value means no).
     if "push" not in values:
-        values["push"] = _parse_bool(env.get("CI", ""), "env CI") if env.get("CI") else False
+        values["push"] = str(env.get("CI", "")).strip().lower() in TRUE
     # The password of a baked login comes from the environment only (never argv or ini).
     # Without a baked-login user it is ignored: a variable left in a CI environment must
     # not break runs (or `flightvm cache ...`) that log in the usual way.
@@ -316,6 +317,22 @@ def resolve(
     validate_registry_ref(settings.registry, "registry")
     validate_login(settings)
     return settings
+
+
+def resolve_explicit(
+    cli: Mapping[str, Any] | None,
+    ini: Mapping[str, Any] | None,
+    env: Mapping[str, str],
+    *,
+    rootdir: Path | None = None,
+) -> Settings:
+    """Check what the user wrote for flightvm itself (flags, ini keys) without reading the
+    option env vars: several are shared with other tools (``VM_CONFIG_DIR``,
+    ``CLOUD_INIT_DIR``, ``REGISTRY_CACHE``, ``LIBVIRT_DEFAULT_URI``), so a run that boots no
+    VM must not fail on them. The result is for validation only; :func:`resolve` makes the
+    settings a VM uses. Raises ConfigError like :func:`resolve`."""
+    quiet = {k: env[k] for k in ("XDG_CACHE_HOME", "FLIGHTVM_SSH_PASSWORD") if k in env}
+    return resolve(cli, ini, quiet, rootdir=rootdir)
 
 
 _LOGIN_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
