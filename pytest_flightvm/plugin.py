@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import pytest
 
 from . import hooks
-from .config import OPTIONS, Settings, resolve, resolve_explicit
+from .config import OPTIONS, Settings, option_help, resolve, resolve_explicit
 from .errors import BootError, ConfigError, FlightVMError
 
 if TYPE_CHECKING:  # the VM layer is imported the first time a fixture needs it
@@ -43,25 +43,29 @@ _console_out_key = pytest.StashKey[TextIO]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("flightvm", "real VMs for E2E tests (pytest-flightvm)")
     for opt in OPTIONS:
+        text = option_help(opt)  # names the env var(s) and the default
         if opt.cli:
             if opt.kind == "bool":
                 group.addoption(opt.cli, action="store_const", const=True, default=None,
-                                dest=f"flightvm_{opt.name}", help=opt.help)
+                                dest=f"flightvm_{opt.name}", help=text)
                 if opt.name == "push":
                     group.addoption("--flightvm-no-push", action="store_const", const=False,
                                     dest="flightvm_push", help="never push after a build")
             elif opt.kind == "ports":  # repeatable
-                group.addoption(opt.cli, action="append", default=None, metavar="PORT",
-                                dest=f"flightvm_{opt.name}", help=opt.help)
+                group.addoption(opt.cli, action="append", default=None, metavar=opt.metavar,
+                                dest=f"flightvm_{opt.name}", help=text)
             else:
+                # an explicit metavar: pytest would show the dest (FLIGHTVM_MEMORY), which
+                # reads like an env var that does not exist
                 group.addoption(opt.cli, action="store", default=None,
-                                dest=f"flightvm_{opt.name}", help=opt.help,
-                                choices=list(opt.choices) or None)
+                                dest=f"flightvm_{opt.name}", help=text,
+                                choices=list(opt.choices) or None,
+                                metavar=opt.metavar or ("{" + ",".join(opt.choices) + "}"))
         if opt.ini:
             if opt.kind in ("linelist", "ports"):
-                parser.addini(opt.ini, opt.help, type="linelist", default=[])
+                parser.addini(opt.ini, text, type="linelist", default=[])
             else:
-                parser.addini(opt.ini, opt.help, type="string", default=None)
+                parser.addini(opt.ini, text, type="string", default=None)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:

@@ -388,8 +388,16 @@ def pull_tag(
     tag = tag or f"{settings.tag_prefix}-latest"
     ref = Reference(base.host, base.repository, None if tag.startswith("sha256:") else tag,
                     tag if tag.startswith("sha256:") else None)
-    image = _pinned_ref(settings.replace(offline=False), Store(settings.store_dir), ref, log,
-                        time.monotonic())
+    store = Store(settings.store_dir)
+    if settings.offline:  # never contact the registry: only what an earlier pull stored
+        info = store.ref_info(_pin_ref_name(ref, settings.arch))
+        if not (info and store.has(info["digest"])):
+            raise ConfigError(f"{ref} is not in the local store, and --flightvm-offline "
+                              "forbids contacting the registry; drop --flightvm-offline to pull it")
+        image = ResolvedImage(store.blob_path(info["digest"]), info["digest"], "", (str(ref),),
+                              "local", 0.0, 0, settings.arch)
+    else:
+        image = _pinned_ref(settings, store, ref, log, time.monotonic())
     Store(settings.store_dir).set_ref(f"tag/{_safe(tag)}", image.digest, ref=str(ref))
     _record(record, image)
     return image
