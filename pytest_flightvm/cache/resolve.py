@@ -368,7 +368,8 @@ def _pinned_ref(
                 return done(local["digest"], "local", 0)
             if current and current == local.get("manifest"):
                 return done(local["digest"], "local", 0)
-        pulled = registry.pull_disk(ref.reference, store, arch=settings.arch, log=log)
+        pulled = registry.pull_disk(ref.reference, store, arch=settings.arch, pinned=True,
+                                    log=log)
         store.set_ref(ref_name, pulled.digest, manifest=pulled.manifest_digest, source="registry")
         return done(pulled.digest, "registry", pulled.bytes)
 
