@@ -459,7 +459,8 @@ def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[s
 
 
 def _keep(request: pytest.FixtureRequest, pool: VMPool, vm: Machine) -> None:
-    run: RunContext = request.getfixturevalue("flightvm_run")
+    # no getfixturevalue here: this runs in teardown too; the settings are resolved by now
+    run = _run_context(request.config, _settings(request.config))
     (run.run_dir / f"kept-{vm.name}.txt").write_text(pool.factory.keep(vm) + "\n")
 
 
@@ -525,10 +526,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     if _run_id_key not in config.stash or not _is_controller(config):
         return
-    try:  # under xdist the controller resolves them here, after its workers did
-        settings = _settings(config)
-    except ConfigError:
-        return  # then no worker could have made a VM
+    settings = config.stash.get(_settings_key, None)
+    if settings is None:  # no fixture here (a run without VMs, or an xdist controller):
+        try:  # only the cache dir and metrics path are needed, no input dir is read
+            cli, ini = _raw_settings(config)
+            settings = resolve(cli, ini, os.environ, rootdir=Path(config.rootpath))
+        except ConfigError:
+            return  # then no worker could have made a VM
     run_id, _ = config.stash[_run_id_key]
     if not (settings.runs_dir / run_id).exists():
         return  # no fixture made the run dir: no VM, nothing to say (and nothing imported)

@@ -136,3 +136,30 @@ def test_a_flag_wins_over_a_junk_env_var(
     """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--flightvm-accel=tcg")
     result.assert_outcomes(passed=1)
+
+
+def test_nothing_heavy_is_imported_up_to_the_end_of_the_run(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Not in the tests, and not in the summary either, even with valid VM settings."""
+    vm_config = tmp_path / "vm-config"
+    vm_config.mkdir()
+    (vm_config / "config.yaml").write_text("spec-fetch-interval: 0m10s\n")
+    monkeypatch.setenv("VM_CONFIG_DIR", str(vm_config))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    report = tmp_path / "modules.txt"
+    pytester.makeconftest(f"""
+        import sys
+
+        def pytest_unconfigure(config):
+            heavy = ("pytest_flightvm.vm.factory", "pytest_flightvm.flightctl",
+                     "pytest_flightvm.seed.render", "pytest_flightvm.cache.resolve", "libvirt",
+                     "pycdlib", "yaml")
+            with open({str(report)!r}, "w") as fh:
+                fh.write(" ".join(m for m in heavy if m in sys.modules))
+    """)
+    pytester.makepyfile("def test_plain():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert report.read_text() == ""
+    assert not (tmp_path / "xdg").exists()
