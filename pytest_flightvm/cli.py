@@ -113,10 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The settings each verb uses: the env vars of the others are not read (several names are
+# shared with other tools), while a flag or ini key given for any of them is still checked.
+_CACHE = ("registry", "image", "cache_dir", "build_cmd", "build_inputs", "tag_prefix",
+          "rebuild", "push", "offline", "plain_http", "compress")
+VERB_NEEDS: dict[str, tuple[str, ...]] = {
+    "cache": _CACHE,
+    "gc": ("cache_dir", "libvirt_uri"),
+    "doctor": ("cache_dir", "libvirt_uri", "accel", "registry", "offline", "plain_http",
+               "firmware", "tpm", "build_cmd"),
+}
+
+
 def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
     ini, rootdir = read_ini(Path.cwd())
     cli = {o.name: getattr(args, o.name, None) for o in OPTIONS}
-    return resolve(cli, ini, os.environ if env is None else env, rootdir=rootdir)
+    return resolve(cli, ini, os.environ if env is None else env, rootdir=rootdir,
+                   needed=VERB_NEEDS.get(args.verb))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import os
 import platform
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,9 +333,12 @@ def resolve(
     env: Mapping[str, str] | None = None,
     *,
     rootdir: Path | None = None,
+    needed: Collection[str] | None = None,
 ) -> Settings:
     """Resolve every option once. ``cli``/``ini`` map Option.name to raw values
-    (None or missing means unset); ``env`` is the process environment."""
+    (None or missing means unset); ``env`` is the process environment. With ``needed``
+    (Option names: what a ``flightvm`` verb uses), the env vars of the other options are
+    not read: ``flightvm gc`` does not fail on a ``REGISTRY_CACHE`` meant for another tool."""
     cli = cli or {}
     ini = ini or {}
     env = os.environ if env is None else env
@@ -347,8 +350,9 @@ def resolve(
             candidates.append((cli.get(opt.name), opt.cli))
         if opt.ini:
             candidates.append((ini.get(opt.name), f"ini {opt.ini}"))
-        for var in opt.env:
-            candidates.append((env.get(var), f"env {var}"))
+        if needed is None or opt.name in needed:
+            for var in opt.env:
+                candidates.append((env.get(var), f"env {var}"))
         for raw, where in candidates:
             if raw is None or (opt.kind != "bool" and raw in ("", [], ())):
                 continue

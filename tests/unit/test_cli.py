@@ -289,3 +289,23 @@ def test_doctor_fixes_speak_to_pip_users(tmp_path: Path) -> None:
         assert "--flightvm-" not in fix, fix
     assert any("libvirtd -d" in f and "--libvirt-uri" in f for f in fixes), fixes
     assert any("--registry" in f and "--offline" in f for f in fixes), fixes
+
+
+def test_a_verb_reads_only_the_env_vars_it_uses(tmp_path: Path) -> None:
+    """gc needs no registry setting: a REGISTRY_CACHE meant for another tool is not read;
+    cache ls needs it, and says which variable to fix."""
+    env = {"PATH": "/usr/bin:/bin", "REGISTRY_CACHE": "maybe", "FLIGHTVM_ACCEL": "warp",
+           "VM_CONFIG_DIR": "/nonexistent"}
+
+    def run_env(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pytest_flightvm.cli", *args],
+                              capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+
+    gc = run_env("gc", "--dry-run", "--cache-dir", str(tmp_path / "c"))
+    assert gc.returncode == 0 and gc.stderr == "", gc.stderr
+    ls = run_env("cache", "ls", "--offline", "--cache-dir", str(tmp_path / "c"))
+    one_line(ls, 2, "env REGISTRY_CACHE: expected true or false, got 'maybe'")
+    # a flag is checked whatever the verb: it was written for this command
+    bad_flag = run_env("gc", "--dry-run", "--registry", "not a ref", "--cache-dir",
+                       str(tmp_path / "c"))
+    one_line(bad_flag, 2, "is not a registry reference")
