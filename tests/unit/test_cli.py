@@ -222,13 +222,13 @@ def test_cache_cache_missing_file_exit_2(tmp_path: Path) -> None:
     one_line(proc, 2, "does not exist")
 
 
-def test_cache_ls_bad_accel_names_the_cli_flag(tmp_path: Path) -> None:
-    proc = run("cache", "ls", "--cache-dir", str(tmp_path), "--accel", "warp")
+def test_cache_ls_bad_value_exit_2(tmp_path: Path) -> None:
+    proc = run("cache", "ls", "--cache-dir", str(tmp_path), "--compress", "lzma")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr  # argparse's own check
     env_proc = subprocess.run([sys.executable, "-m", "pytest_flightvm.cli", "cache", "ls",
                                "--cache-dir", str(tmp_path)], capture_output=True, text=True,
-                              timeout=60, env={"PATH": "/usr/bin:/bin", "FLIGHTVM_ACCEL": "warp"})
-    one_line(env_proc, 2, "env FLIGHTVM_ACCEL: expected one of auto, kvm, tcg")
+                              timeout=60, env={"PATH": "/usr/bin:/bin", "FLIGHTVM_COMPRESS": "lzma"})
+    one_line(env_proc, 2, "env FLIGHTVM_COMPRESS: expected one of auto, none, zstd")
 
 
 def test_cache_ls_offline_lists_the_store_exit_0(tmp_path: Path) -> None:
