@@ -237,4 +237,6 @@ def _short(v: float, unit: str) -> str:
         return f"{v * 1000:.0f} ms" if v < 1 else f"{v:.1f} s"
     if unit == "MiB":
         return f"{v:.0f} MiB"
+    if unit == "ms":
+        return f"{v:.0f} ms"
     return f"{v:g}"
