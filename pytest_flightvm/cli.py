@@ -81,10 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a tag or sha256:DIGEST of --registry (default <prefix>-latest)")
     pull.add_argument("-o", "--output", type=Path, help="also copy the qcow2 here")
     push = cverbs.add_parser("push", help="push a qcow2 as an OCI artifact")
-    push.add_argument("file", type=Path)
-    push.add_argument("tags", nargs="*")
+    push.add_argument("file", type=Path, metavar="FILE", help="the qcow2 to push")
+    push.add_argument("tags", nargs="*", metavar="TAG",
+                      help="tags to push it under (default <prefix>-latest)")
     cc = cverbs.add_parser("cache", help="push under <prefix>-<key> (+ -latest from a clean tree)")
-    cc.add_argument("file", nargs="?", type=Path)
+    cc.add_argument("file", nargs="?", type=Path, metavar="FILE",
+                    help="the qcow2 to push (default: resolve the base first, as cache get)")
     cverbs.add_parser("ls", help="local store entries and registry tags")
     cverbs.add_parser("verify", help="re-hash every local blob")
     for sub in (get, pull, push, cc, *cverbs.choices.values()):

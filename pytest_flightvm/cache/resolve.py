@@ -404,12 +404,19 @@ def pull_tag(
     return image
 
 
+def _refuse_offline(settings: Settings, what: str) -> None:
+    if settings.offline:
+        raise ConfigError(f"--flightvm-offline forbids contacting the registry, and {what} "
+                          "needs it; drop --flightvm-offline (or unset FLIGHTVM_OFFLINE)")
+
+
 def push_file(
     settings: Settings, path: Path, tags: Sequence[str], *, key: str | None = None,
     log: Log = _default_log,
 ) -> PushResult:
     """``flightvm cache push FILE [TAG...]``: push a qcow2 as an OCI artifact."""
-    registry = _registry(settings.replace(offline=False))
+    _refuse_offline(settings, "push")
+    registry = _registry(settings)
     if registry is None:
         raise ConfigError("no registry configured; set --registry or FLIGHTVM_REGISTRY")
     try:
@@ -429,7 +436,8 @@ def cache_image(
     """``flightvm cache cache [FILE]``: push the base under ``<prefix>-<key>-<arch>``,
     ``<prefix>-<git short>`` and, from a clean tree, ``<prefix>-latest``. Without FILE the
     base is resolved first (local store, else build)."""
-    registry = _registry(settings.replace(offline=False))
+    _refuse_offline(settings, "push")
+    registry = _registry(settings)
     if registry is None:
         raise ConfigError("no registry configured; set --registry or FLIGHTVM_REGISTRY")
     builder = builder or builder_for(settings.build_cmd, settings.rootdir)

@@ -309,3 +309,14 @@ def test_a_verb_reads_only_the_env_vars_it_uses(tmp_path: Path) -> None:
     bad_flag = run_env("gc", "--dry-run", "--registry", "not a ref", "--cache-dir",
                        str(tmp_path / "c"))
     one_line(bad_flag, 2, "is not a registry reference")
+
+
+def test_push_offline_is_refused_without_contacting_the_registry(tmp_path: Path) -> None:
+    from tests.fake_disk import write_fake_qcow2
+
+    disk = write_fake_qcow2(tmp_path / "disk.qcow2", 1 << 20, b"x")
+    for verb in (["push", str(disk)], ["cache", str(disk)]):
+        proc = run("cache", *verb, "--registry", DEAD_REGISTRY, "--offline",
+                   "--cache-dir", str(tmp_path / "c"))
+        one_line(proc, 2, "--offline forbids contacting the registry", "drop --offline")
+        assert "refused" not in proc.stderr  # no connection was tried (port 1 refuses)
