@@ -5,7 +5,8 @@
     .venv/bin/python -m bench --only P1,P2 --quick  # development: fewer reps, output under
                                                     # /var/tmp/flightvm-bench-out
 
-Figures: P1 local hit, P2 cold pull (vs curl and the podman path), P3 push peak RSS,
+Figures: P0 start-up cost of an installed, unused plugin, P1 local hit,
+P2 cold pull (vs curl and the podman path), P3 push peak RSS,
 P4 transfers per run at -n 1/2/4, P5 fixture -> ready VM (vs hand-run virsh),
 P6 reset per firmware and mechanism vs reboot reset, P7 cold build, Z zstd vs none.
 Needs the host set up by `make host` (libvirtd, registry on 127.0.0.1:5000, .venv).
@@ -25,12 +26,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import cache_figs, report, vm_figs
+from . import cache_figs, report, startup_figs, vm_figs
 from .common import REPO_ROOT, Ctx, clean_env, log, machine_info
 from .figure import Figure
 
-ALL = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "Z")
-TITLES = {"P1": "local-hit resolve", "P2": "cold pull", "P3": "push peak RSS",
+ALL = ("P0", "P1", "P2", "P3", "P4", "P5", "P6", "P7", "Z")
+TITLES = {"P0": "installed, unused plugin start-up",
+          "P1": "local-hit resolve", "P2": "cold pull", "P3": "push peak RSS",
           "P4": "image transfers per run", "P5": "fixture request → ready VM",
           "P6": "reset per firmware vs reboot reset", "P7": "cold build", "Z": "zstd vs none"}
 
@@ -140,10 +142,13 @@ def main(argv: list[str] | None = None) -> int:
 
     want = set(args.figures)
     try:
+        if "P0" in want:  # first: no base image or VM needed, and the machine is quietest
+            run("P0", lambda: startup_figs.p0_unused_plugin(ctx))
         built_first = "P7" in want and not cache_figs.project_base_is_stored(ctx)
         if built_first:  # the run needs a build anyway: let P7's cold build be that build
             run("P7", lambda: cache_figs.p7_cold_build(ctx, into_project_store=True))
-        cache_figs.ensure_base(ctx)
+        if want - {"P0"}:
+            cache_figs.ensure_base(ctx)
         steps: list[tuple[str, Callable[[], Figure | list[Figure]]]] = [
             ("P1", lambda: cache_figs.p1_local_hit(ctx)),
             ("P2", lambda: cache_figs.p2_cold_pull(ctx)),

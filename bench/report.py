@@ -103,6 +103,9 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         "landing in the shared tree cannot move mid-run, and no lock shared with other "
         "engineers' runs. Bytecode caching is on (`PYTHONDONTWRITEBYTECODE` unset), as on a "
         "normal install.",
+        "- **P0** a one-test suite that uses no VM fixture, run as `python -m pytest -q -n 0` "
+        "with the plugin installed, alternating with the same run under `-p no:flightvm` "
+        "(one untimed warm-up each); the figure is the median of the paired differences.",
         "- **P1** `flightvm cache get` as a whole process on a warm store, alternating with a "
         "bare `python -c pass` of the same interpreter (one untimed warm-up each); the figure "
         "is the difference of the medians. Also `resolve_image()` in-process. Bytes moved "
@@ -234,4 +237,6 @@ def _short(v: float, unit: str) -> str:
         return f"{v * 1000:.0f} ms" if v < 1 else f"{v:.1f} s"
     if unit == "MiB":
         return f"{v:.0f} MiB"
+    if unit == "ms":
+        return f"{v:.0f} ms"
     return f"{v:g}"

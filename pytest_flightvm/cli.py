@@ -3,7 +3,8 @@
 It reads the same settings as the plugin (env vars, the pytest ini of the
 current directory) plus its own flags. Exit status: 0 success, 1 operation
 failed, 2 usage error or bad input (one line on stderr). Only the verb's
-result goes to stdout; progress goes to stderr.
+result goes to stdout; progress goes to stderr. Messages name this command's
+flags (``--offline``), not the plugin's (``--flightvm-offline``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,36 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import OPTIONS, Settings, read_ini, resolve
+from .config import OPTIONS, Settings, cli_terms, option_help, read_ini, resolve
 from .errors import ConfigError, FlightVMError
+
+DESCRIPTION = "The flightvm command: cache verbs, seed rendering, gc and doctor."
+EPILOG = ("Exit status: 0 success, 1 the operation failed, 2 usage error or bad input "
+          "(one line on stderr). Settings not given as flags come from the pytest ini of "
+          "the current directory, then the env vars named in each flag's help.")
 
 
 def _err(line: str) -> None:
-    sys.stderr.write(line.rstrip() + "\n")
+    """One line on stderr, in this command's terms (``--offline``, not ``--flightvm-offline``)."""
+    sys.stderr.write(cli_terms(line.rstrip()) + "\n")
     sys.stderr.flush()
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version (read only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("pytest-flightvm")
+        except PackageNotFoundError:  # pragma: no cover - run from a bare source tree
+            text = "unknown"
+        print(f"flightvm (pytest-flightvm) {text}")
+        raise SystemExit(0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,16 +58,18 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     for opt in OPTIONS:
         if not opt.cli_short:
             continue
+        text = option_help(opt, cli=True)
         if opt.kind == "bool":
             p.add_argument(opt.cli_short, dest=opt.name, action="store_const", const=True,
-                           default=None, help=opt.help)
+                           default=None, help=text)
         else:
-            p.add_argument(opt.cli_short, dest=opt.name, default=None, help=opt.help,
-                           choices=list(opt.choices) or None)
+            p.add_argument(opt.cli_short, dest=opt.name, default=None, help=text,
+                           choices=list(opt.choices) or None, metavar=opt.metavar or None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="flightvm", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="flightvm", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action=_Version)
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     cache = verbs.add_parser("cache", help="base image cache")
@@ -51,13 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     get = cverbs.add_parser("get", help="resolve local -> registry -> build(+push); print the path")
     get.add_argument("--force", action="store_true", help="ignore caches and build")
     pull = cverbs.add_parser("pull", help="pull a tag (default <prefix>-latest)")
-    pull.add_argument("tag", nargs="?")
+    pull.add_argument("tag", nargs="?", metavar="TAG",
+                      help="a tag or sha256:DIGEST of --registry (default <prefix>-latest)")
     pull.add_argument("-o", "--output", type=Path, help="also copy the qcow2 here")
     push = cverbs.add_parser("push", help="push a qcow2 as an OCI artifact")
-    push.add_argument("file", type=Path)
-    push.add_argument("tags", nargs="*")
+    push.add_argument("file", type=Path, metavar="FILE", help="the qcow2 to push")
+    push.add_argument("tags", nargs="*", metavar="TAG",
+                      help="tags to push it under (default <prefix>-latest)")
     cc = cverbs.add_parser("cache", help="push under <prefix>-<key> (+ -latest from a clean tree)")
-    cc.add_argument("file", nargs="?", type=Path)
+    cc.add_argument("file", nargs="?", type=Path, metavar="FILE",
+                    help="the qcow2 to push (default: resolve the base first, as cache get)")
     cverbs.add_parser("ls", help="local store entries and registry tags")
     cverbs.add_parser("verify", help="re-hash every local blob")
     for sub in (get, pull, push, cc, *cverbs.choices.values()):
@@ -86,10 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The settings each verb uses: the env vars of the others are not read (several names are
+# shared with other tools), while a flag or ini key given for any of them is still checked.
+_CACHE = ("registry", "image", "cache_dir", "build_cmd", "build_inputs", "tag_prefix",
+          "rebuild", "push", "offline", "plain_http", "compress")
+VERB_NEEDS: dict[str, tuple[str, ...]] = {
+    "cache": _CACHE,
+    "gc": ("cache_dir", "libvirt_uri"),
+    "doctor": ("cache_dir", "libvirt_uri", "accel", "registry", "offline", "plain_http",
+               "firmware", "tpm", "build_cmd"),
+}
+
+
 def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
     ini, rootdir = read_ini(Path.cwd())
     cli = {o.name: getattr(args, o.name, None) for o in OPTIONS}
-    return resolve(cli, ini, os.environ if env is None else env, rootdir=rootdir)
+    return resolve(cli, ini, os.environ if env is None else env, rootdir=rootdir,
+                   needed=VERB_NEEDS.get(args.verb))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,6 +280,11 @@ def _seed_render(args: argparse.Namespace) -> int:
     else:
         from .vm.ssh import generate_keypair
 
+        try:  # the key goes beside the ISO
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {args.output.parent} for -o: "
+                              f"{exc.strerror}; pass another -o") from None
         # never reuse a key found there (someone may have planted it): a new one or none
         private, key = generate_keypair(args.output.parent, args.output.name + ".id_ed25519",
                                         reuse=False)

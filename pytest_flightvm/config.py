@@ -14,7 +14,7 @@ import os
 import platform
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,81 +44,134 @@ class Option:
     kind: str = "str"  # str | path | bool | int | float | choice | linelist | ports | hostname
     choices: tuple[str, ...] = ()
     cli_short: str | None = None  # flag name on the ``flightvm`` CLI
+    metavar: str = ""  # the value's name in --help (choices are listed instead)
+    default: str = ""  # the default, as --help states it
 
 
 OPTIONS: tuple[Option, ...] = (
     Option("registry", "OCI repository for the base image cache, e.g. 127.0.0.1:5000/flightvm/base",
-           "--flightvm-registry", "flightvm_registry", ("FLIGHTVM_REGISTRY",), cli_short="--registry"),
+           "--flightvm-registry", "flightvm_registry", ("FLIGHTVM_REGISTRY",), cli_short="--registry",
+           metavar="REF", default="none, local store only"),
     Option("image", "pin the base to a local qcow2 path or a full registry reference",
-           "--flightvm-image", "flightvm_image", ("FLIGHTVM_IMAGE",), cli_short="--image"),
-    Option("cache_dir", "local store and run directory (default $XDG_CACHE_HOME/flightvm)",
+           "--flightvm-image", "flightvm_image", ("FLIGHTVM_IMAGE",), cli_short="--image",
+           metavar="PATH|REF", default="none"),
+    Option("cache_dir", "local store and run directory",
            "--flightvm-cache-dir", "flightvm_cache_dir", ("FLIGHTVM_CACHE_DIR",), kind="path",
-           cli_short="--cache-dir"),
+           cli_short="--cache-dir",
+           metavar="DIR", default="$XDG_CACHE_HOME/flightvm"),
     Option("build_cmd",
-           "shell command that writes a qcow2 to $FLIGHTVM_OUTPUT (default: built-in Debian builder)",
-           "--flightvm-build-cmd", "flightvm_build_cmd", ("FLIGHTVM_BUILD_CMD",), cli_short="--build-cmd"),
+           "shell command that writes a qcow2 to $FLIGHTVM_OUTPUT",
+           "--flightvm-build-cmd", "flightvm_build_cmd", ("FLIGHTVM_BUILD_CMD",), cli_short="--build-cmd",
+           metavar="CMD", default="the built-in Debian builder"),
     Option("build_inputs", "paths/globs hashed into the cache key", None, "flightvm_build_inputs",
-           kind="linelist"),
+           kind="linelist",
+           default="none"),
     Option("tag_prefix", "registry tag prefix", "--flightvm-tag-prefix", "flightvm_tag_prefix",
-           ("QCOW2_CACHE_TAG",), cli_short="--tag-prefix"),
-    Option("rebuild", "ignore caches and build the base", "--flightvm-rebuild", kind="bool"),
-    Option("push", "push the base after a build (default: only under CI=true)", "--flightvm-push",
-           "flightvm_push", ("REGISTRY_CACHE",), kind="bool"),
+           ("QCOW2_CACHE_TAG",), cli_short="--tag-prefix",
+           metavar="PREFIX", default="base-qcow2"),
+    Option("rebuild", "ignore caches and build the base", "--flightvm-rebuild", kind="bool",
+           default="off"),
+    Option("push", "push the base after a build", "--flightvm-push",
+           "flightvm_push", ("REGISTRY_CACHE",), kind="bool",
+           default="only when CI is true"),
     Option("offline", "never contact the registry", "--flightvm-offline", "flightvm_offline",
-           ("FLIGHTVM_OFFLINE",), kind="bool", cli_short="--offline"),
+           ("FLIGHTVM_OFFLINE",), kind="bool", cli_short="--offline",
+           default="off"),
     Option("plain_http", "talk plain HTTP to a non-loopback registry", "--flightvm-plain-http",
-           "flightvm_plain_http", ("FLIGHTVM_PLAIN_HTTP",), kind="bool", cli_short="--plain-http"),
+           "flightvm_plain_http", ("FLIGHTVM_PLAIN_HTTP",), kind="bool", cli_short="--plain-http",
+           default="off; loopback registries are always plain HTTP"),
     Option("compress", "compress the pushed layer: auto (zstd except to loopback registries), none, zstd",
            "--flightvm-compress", "flightvm_compress",
-           ("FLIGHTVM_COMPRESS",), kind="choice", choices=COMPRESSIONS, cli_short="--compress"),
+           ("FLIGHTVM_COMPRESS",), kind="choice", choices=COMPRESSIONS, cli_short="--compress",
+           default="auto"),
     Option("libvirt_uri", "libvirt connection URI", "--flightvm-libvirt-uri", "flightvm_libvirt_uri",
-           ("LIBVIRT_DEFAULT_URI",), cli_short="--libvirt-uri"),
+           ("LIBVIRT_DEFAULT_URI",), cli_short="--libvirt-uri",
+           metavar="URI", default="qemu:///system as root, else qemu:///session"),
     Option("accel", "auto, kvm or tcg", "--flightvm-accel", "flightvm_accel", ("FLIGHTVM_ACCEL",),
-           kind="choice", choices=ACCELS, cli_short="--accel"),
+           kind="choice", choices=ACCELS, cli_short="--accel",
+           default="auto"),
     Option("vm_config", "flightctl VM config dir (config.yaml, certs/, rpms/, ca.pem, registry.conf)",
-           "--flightvm-vm-config", "flightvm_vm_config", ("VM_CONFIG_DIR",), kind="path"),
+           "--flightvm-vm-config", "flightvm_vm_config", ("VM_CONFIG_DIR",), kind="path",
+           metavar="DIR", default="none"),
     Option("cloud_init_dir",
            "a prepared NoCloud dir, merged with the run's key, a unique instance-id and payloads",
-           "--flightvm-cloud-init-dir", None, ("CLOUD_INIT_DIR",), kind="path"),
+           "--flightvm-cloud-init-dir", None, ("CLOUD_INIT_DIR",), kind="path",
+           metavar="DIR", default="none"),
     Option("ssh_user", "log in as this user the image already has (a baked login), "
            "with --flightvm-ssh-key or env FLIGHTVM_SSH_PASSWORD",
-           "--flightvm-ssh-user", "flightvm_ssh_user"),
+           "--flightvm-ssh-user", "flightvm_ssh_user",
+           metavar="USER", default="none, the flightvm user cloud-init makes"),
     Option("ssh_key", "private key for the baked login (--flightvm-ssh-user)",
-           "--flightvm-ssh-key", "flightvm_ssh_key", kind="path"),
+           "--flightvm-ssh-key", "flightvm_ssh_key", kind="path",
+           metavar="FILE", default="none"),
     Option("keep", "keep VMs after the run: never, on-failure, always", "--flightvm-keep",
-           "flightvm_keep", kind="choice", choices=KEEPS),
+           "flightvm_keep", kind="choice", choices=KEEPS,
+           default="never"),
     Option("console", "stream guest consoles live", "--flightvm-console", None,
-           ("DEBUG_VM_CONSOLE",), kind="bool"),
-    Option("memory", "guest memory in MiB", "--flightvm-memory", "flightvm_memory", kind="int"),
-    Option("vcpus", "guest vCPUs", "--flightvm-vcpus", "flightvm_vcpus", kind="int"),
-    Option("boot_timeout", "seconds to wait for a ready guest (scaled under TCG)",
-           "--flightvm-boot-timeout", "flightvm_boot_timeout", kind="float"),
+           ("DEBUG_VM_CONSOLE",), kind="bool",
+           default="off"),
+    Option("memory", "guest memory in MiB", "--flightvm-memory", "flightvm_memory", kind="int",
+           metavar="MIB", default="1024"),
+    Option("vcpus", "guest vCPUs", "--flightvm-vcpus", "flightvm_vcpus", kind="int",
+           metavar="N", default="2, 1 on a one-CPU host"),
+    Option("boot_timeout", "seconds to wait for a ready guest",
+           "--flightvm-boot-timeout", "flightvm_boot_timeout", kind="float",
+           metavar="SECONDS", default="300, doubled under TCG"),
     Option("reset", "per-test reset: snapshot (fastest mechanism), restore (save/restore), "
            "internal (internal qcow2 snapshot, BIOS only), reboot or none",
-           "--flightvm-reset", "flightvm_reset", ("FLIGHTVM_RESET",), kind="choice", choices=RESETS),
+           "--flightvm-reset", "flightvm_reset", ("FLIGHTVM_RESET",), kind="choice", choices=RESETS,
+           default="snapshot"),
     Option("firmware", "guest firmware: bios, uefi, uefi-secure (Secure Boot, Microsoft keys enrolled) "
            "or uefi-secure-unenrolled (Secure Boot-capable firmware with SMM, no keys: upstream "
            "flightctl's setup)",
            "--flightvm-firmware", "flightvm_firmware", ("FLIGHTVM_FIRMWARE",), kind="choice",
-           choices=FIRMWARES),
+           choices=FIRMWARES,
+           default="bios"),
     Option("tpm", "give each VM a TPM 2.0 (swtpm)", "--flightvm-tpm", "flightvm_tpm", ("FLIGHTVM_TPM",),
-           kind="bool"),
-    Option("cpu", "guest CPU model, e.g. Haswell-noTSX-IBRS (default: QEMU's)", "--flightvm-cpu",
-           "flightvm_cpu", ("FLIGHTVM_CPU",)),
+           kind="bool",
+           default="off"),
+    Option("cpu", "guest CPU model, e.g. Haswell-noTSX-IBRS", "--flightvm-cpu",
+           "flightvm_cpu", ("FLIGHTVM_CPU",),
+           metavar="MODEL", default="QEMU's"),
     Option("metrics", "write run metrics as JSON to this file", "--flightvm-metrics",
-           "flightvm_metrics", ("FLIGHTVM_METRICS",), kind="path"),
+           "flightvm_metrics", ("FLIGHTVM_METRICS",), kind="path",
+           metavar="FILE", default="none"),
     Option("host_ports", "a host port (on 127.0.0.1) the guest may reach at vm.host_address; "
-           "repeat for more (default: none, the guest reaches nothing on the host)",
-           "--flightvm-host-port", "flightvm_host_ports", kind="ports"),
+           "repeat for more",
+           "--flightvm-host-port", "flightvm_host_ports", kind="ports",
+           metavar="PORT", default="none, the guest reaches no host port"),
     Option("host_alias", "a name for the host in the guest's /etc/hosts (-> vm.host_address)",
-           "--flightvm-host-alias", "flightvm_host_alias", kind="hostname"),
+           "--flightvm-host-alias", "flightvm_host_alias", kind="hostname",
+           metavar="NAME", default="none"),
     Option("guest_outbound", "open the guest's network: every 127.0.0.1 port of the host "
-           "(at 10.0.2.2) and the outside world (default: closed)",
+           "(at 10.0.2.2) and the outside world",
            "--flightvm-guest-outbound", "flightvm_guest_outbound", ("FLIGHTVM_GUEST_OUTBOUND",),
-           kind="bool"),
+           kind="bool",
+           default="off, closed"),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def option_help(opt: Option, *, cli: bool = False) -> str:
+    """``--help`` text of an option: what it does, its env var(s) and its default.
+    ``cli`` is the ``flightvm`` command (its own flag names), else pytest."""
+    text = cli_terms(opt.help) if cli else opt.help
+    env = ", ".join(opt.env)
+    tail = "; ".join(x for x in (f"env {env}" if env else "",
+                                 f"default: {opt.default}" if opt.default else "") if x)
+    return f"{text} ({tail})" if tail else text
+
+
+def cli_terms(text: str) -> str:
+    """``text`` with the plugin's flags spelled as the ``flightvm`` command's
+    (``--flightvm-offline`` -> ``--offline``) where the command has that flag."""
+    if "--flightvm-" not in text:
+        return text
+    for opt in OPTIONS:
+        if opt.cli and opt.cli_short:
+            text = re.sub(rf"(?<![\w-]){re.escape(opt.cli)}(?![\w-])", opt.cli_short, text)
+    return text
 
 
 def _default_cache_dir(env: Mapping[str, str]) -> Path:
@@ -280,9 +333,12 @@ def resolve(
     env: Mapping[str, str] | None = None,
     *,
     rootdir: Path | None = None,
+    needed: Collection[str] | None = None,
 ) -> Settings:
     """Resolve every option once. ``cli``/``ini`` map Option.name to raw values
-    (None or missing means unset); ``env`` is the process environment."""
+    (None or missing means unset); ``env`` is the process environment. With ``needed``
+    (Option names: what a ``flightvm`` verb uses), the env vars of the other options are
+    not read: ``flightvm gc`` does not fail on a ``REGISTRY_CACHE`` meant for another tool."""
     cli = cli or {}
     ini = ini or {}
     env = os.environ if env is None else env
@@ -294,8 +350,9 @@ def resolve(
             candidates.append((cli.get(opt.name), opt.cli))
         if opt.ini:
             candidates.append((ini.get(opt.name), f"ini {opt.ini}"))
-        for var in opt.env:
-            candidates.append((env.get(var), f"env {var}"))
+        if needed is None or opt.name in needed:
+            for var in opt.env:
+                candidates.append((env.get(var), f"env {var}"))
         for raw, where in candidates:
             if raw is None or (opt.kind != "bool" and raw in ("", [], ())):
                 continue
@@ -303,9 +360,10 @@ def resolve(
                 continue
             values[opt.name] = _convert(opt, raw, where, rootdir)
             break
-    # push: explicit setting wins; otherwise push only when running in CI.
+    # push: explicit setting wins; otherwise push only when running in CI (CI is set by
+    # every CI system, to values we do not own: anything but a true value means no).
     if "push" not in values:
-        values["push"] = _parse_bool(env.get("CI", ""), "env CI") if env.get("CI") else False
+        values["push"] = str(env.get("CI", "")).strip().lower() in TRUE
     # The password of a baked login comes from the environment only (never argv or ini).
     # Without a baked-login user it is ignored: a variable left in a CI environment must
     # not break runs (or `flightvm cache ...`) that log in the usual way.
@@ -316,6 +374,22 @@ def resolve(
     validate_registry_ref(settings.registry, "registry")
     validate_login(settings)
     return settings
+
+
+def resolve_explicit(
+    cli: Mapping[str, Any] | None,
+    ini: Mapping[str, Any] | None,
+    env: Mapping[str, str],
+    *,
+    rootdir: Path | None = None,
+) -> Settings:
+    """Check what the user wrote for flightvm itself (flags, ini keys) without reading the
+    option env vars: several are shared with other tools (``VM_CONFIG_DIR``,
+    ``CLOUD_INIT_DIR``, ``REGISTRY_CACHE``, ``LIBVIRT_DEFAULT_URI``), so a run that boots no
+    VM must not fail on them. The result is for validation only; :func:`resolve` makes the
+    settings a VM uses. Raises ConfigError like :func:`resolve`."""
+    quiet = {k: env[k] for k in ("XDG_CACHE_HOME", "FLIGHTVM_SSH_PASSWORD") if k in env}
+    return resolve(cli, ini, quiet, rootdir=rootdir)
 
 
 _LOGIN_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")

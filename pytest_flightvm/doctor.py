@@ -1,4 +1,7 @@
-"""``flightvm doctor``: check the host and name the fix for each failure."""
+"""``flightvm doctor``: check the host and name the fix for each failure.
+
+The fixes are in the ``flightvm`` command's terms (``--cache-dir``) and work for a pip
+install; where a checkout's ``make host`` does the same, they say so too."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .config import Settings
+from .config import Settings, cli_terms
 from .errors import FlightVMError
 
 MIN_FREE_GIB = 5
@@ -35,7 +38,9 @@ def _libvirt(settings: Settings) -> Check:
     try:
         conn = connect(settings.libvirt_uri)
     except FlightVMError as exc:
-        return Check("libvirt", False, str(exc), "make host (starts virtlogd and libvirtd)")
+        return Check("libvirt", False, str(exc),
+                     "start virtlogd and libvirtd as root (`virtlogd -d; libvirtd -d`; "
+                     "from a pytest-flightvm checkout, `make host` does it), or pass --libvirt-uri")
     try:
         ver = conn.getLibVersion()
         detail = f"{settings.libvirt_uri} answers (libvirt {ver // 1000000}.{ver // 1000 % 1000})"
@@ -59,7 +64,7 @@ def _image_dir(settings: Settings) -> Check:
             blocked.append(str(parent))
     if blocked:
         return Check("image dir", False, f"not traversable by QEMU: {', '.join(blocked)}",
-                     f"chmod o+x {' '.join(blocked)}, or pass --flightvm-cache-dir")
+                     f"chmod o+x {' '.join(blocked)}, or pass --cache-dir")
     return Check("image dir", True, str(path))
 
 
@@ -89,7 +94,9 @@ def _registry(settings: Settings) -> Check:
         FlightRegistry(settings.registry, plain_http=settings.plain_http).ping()
     except FlightVMError as exc:
         return Check("registry", False, str(exc),
-                     "make host starts one on 127.0.0.1:5000, or fix --flightvm-registry")
+                     "start a registry (e.g. `docker-registry serve CONFIG` from Debian's "
+                     "docker-registry package; from a pytest-flightvm checkout, `make host` "
+                     "starts one on 127.0.0.1:5000), or fix --registry, or pass --offline")
     return Check("registry", True, f"{settings.registry} answers")
 
 
@@ -98,7 +105,7 @@ def _disk(settings: Settings) -> Check:
     probe = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free / 2**30
     return Check("disk", free >= MIN_FREE_GIB, f"{free:.1f} GiB free at {probe}",
-                 f"free space (need {MIN_FREE_GIB} GiB) or pass --flightvm-cache-dir")
+                 f"free space (need {MIN_FREE_GIB} GiB) or pass --cache-dir")
 
 
 def _firmware(settings: Settings) -> Check:
@@ -136,5 +143,5 @@ def run_doctor(settings: Settings, out: TextIO) -> int:
         line = f"{'ok  ' if c.ok else 'FAIL'} {c.name:<20} {c.detail}"
         if not c.ok and c.fix:
             line += f"\n     fix: {c.fix}"
-        out.write(line + "\n")
+        out.write(cli_terms(line) + "\n")  # details quote errors in the plugin's terms
     return 0 if all(c.ok for c in results) else 1

@@ -78,9 +78,10 @@ class LibvirtError(FlightVMError):
 
 
 class LibvirtUnreachable(LibvirtError):
-    """No libvirt answers at the configured URI: start it or fix the URI (bad input)."""
+    """No libvirt answers at the configured URI: start it or fix the URI.
 
-    exit_code = 2
+    An operation that failed (exit 1), not bad input: the URI is usually right and the
+    daemon is down, which no change to the command line fixes."""
 
 
 class BootError(FlightVMError):

@@ -15,24 +15,26 @@ import os
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import pytest
 
 from . import hooks
-from .config import OPTIONS, Settings, resolve
+from .config import OPTIONS, Settings, option_help, resolve, resolve_explicit
 from .errors import BootError, ConfigError, FlightVMError
-from .metrics import aggregate, write_worker_metrics
-from .profile import VMProfile
-from .vm.factory import RunContext, VMFactory, VMRequest, new_run_id
-from .vm.machine import Machine
-from .vm.pool import VMPool
+
+if TYPE_CHECKING:  # the VM layer is imported the first time a fixture needs it
+    from .profile import VMProfile
+    from .vm.factory import RunContext, VMFactory
+    from .vm.machine import Machine
+    from .vm.pool import VMPool
 
 RUN_ID_KEY = "flightvm_run_id"
 OWNER_KEY = "flightvm_owner_pid"
 _settings_key = pytest.StashKey[Settings]()
-_run_key = pytest.StashKey[RunContext]()
-_used_vms_key = pytest.StashKey[list[Machine]]()
+_run_key = pytest.StashKey["RunContext"]()
+_run_id_key = pytest.StashKey[tuple[str, str]]()  # (run id, worker), set at configure
+_used_vms_key = pytest.StashKey[list["Machine"]]()
 _state_key = pytest.StashKey[dict[str, Any]]()
 _console_out_key = pytest.StashKey[TextIO]()
 
@@ -41,25 +43,29 @@ _console_out_key = pytest.StashKey[TextIO]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("flightvm", "real VMs for E2E tests (pytest-flightvm)")
     for opt in OPTIONS:
+        text = option_help(opt)  # names the env var(s) and the default
         if opt.cli:
             if opt.kind == "bool":
                 group.addoption(opt.cli, action="store_const", const=True, default=None,
-                                dest=f"flightvm_{opt.name}", help=opt.help)
+                                dest=f"flightvm_{opt.name}", help=text)
                 if opt.name == "push":
                     group.addoption("--flightvm-no-push", action="store_const", const=False,
                                     dest="flightvm_push", help="never push after a build")
             elif opt.kind == "ports":  # repeatable
-                group.addoption(opt.cli, action="append", default=None, metavar="PORT",
-                                dest=f"flightvm_{opt.name}", help=opt.help)
+                group.addoption(opt.cli, action="append", default=None, metavar=opt.metavar,
+                                dest=f"flightvm_{opt.name}", help=text)
             else:
+                # an explicit metavar: pytest would show the dest (FLIGHTVM_MEMORY), which
+                # reads like an env var that does not exist
                 group.addoption(opt.cli, action="store", default=None,
-                                dest=f"flightvm_{opt.name}", help=opt.help,
-                                choices=list(opt.choices) or None)
+                                dest=f"flightvm_{opt.name}", help=text,
+                                choices=list(opt.choices) or None,
+                                metavar=opt.metavar or ("{" + ",".join(opt.choices) + "}"))
         if opt.ini:
             if opt.kind in ("linelist", "ports"):
-                parser.addini(opt.ini, opt.help, type="linelist", default=[])
+                parser.addini(opt.ini, text, type="linelist", default=[])
             else:
-                parser.addini(opt.ini, opt.help, type="string", default=None)
+                parser.addini(opt.ini, text, type="string", default=None)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -77,14 +83,47 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None
     yield
 
 
-def _settings_from(config: pytest.Config) -> Settings:
+def _raw_settings(config: pytest.Config) -> tuple[dict[str, Any], dict[str, Any]]:
     cli = {o.name: config.getoption(f"flightvm_{o.name}") for o in OPTIONS if o.cli}
     ini: dict[str, Any] = {}
     for o in OPTIONS:
         if o.ini:
             value = config.getini(o.ini)
             ini[o.name] = value if value not in (None, "", []) else None
-    return resolve(cli, ini, os.environ, rootdir=Path(config.rootpath))
+    return cli, ini
+
+
+def _settings(config: pytest.Config) -> Settings:
+    """The run's settings, resolved (CLI > ini > env > default) the first time a VM fixture
+    or the summary needs them: environment variables (several are shared with other tools:
+    ``VM_CONFIG_DIR``, ``CLOUD_INIT_DIR``, ``REGISTRY_CACHE``) are never read by a run that
+    uses no VM. Bad values raise ConfigError."""
+    settings = config.stash.get(_settings_key, None)
+    if settings is None:
+        cli, ini = _raw_settings(config)
+        settings = resolve(cli, ini, os.environ, rootdir=Path(config.rootpath))
+        _check_inputs(settings)
+        config.stash[_settings_key] = settings
+    return settings
+
+
+def _run_context(config: pytest.Config, settings: Settings) -> RunContext:
+    run = config.stash.get(_run_key, None)
+    if run is None:
+        from .vm.factory import RunContext
+
+        run_id, worker = config.stash[_run_id_key]
+        run = config.stash[_run_key] = RunContext(run_id, settings.runs_dir / run_id, worker)
+    return run
+
+
+def _new_run_id() -> str:
+    """Short, sortable, unique: ``YYMMDDHHMMSS-xxxx`` (as ``vm.factory.new_run_id``, without
+    importing the VM layer at start-up)."""
+    import secrets
+    import time
+
+    return time.strftime("%y%m%d%H%M%S") + "-" + secrets.token_hex(2)
 
 
 class _XdistHooks:
@@ -92,7 +131,7 @@ class _XdistHooks:
 
     @staticmethod
     def pytest_configure_node(node: Any) -> None:
-        node.workerinput[RUN_ID_KEY] = node.config.stash[_run_key].run_id
+        node.workerinput[RUN_ID_KEY] = node.config.stash[_run_id_key][0]
         node.workerinput[OWNER_KEY] = os.getpid()
 
 
@@ -103,19 +142,21 @@ def pytest_configure(config: pytest.Config) -> None:
         "agent='running'): per-test VM overrides (agent='stopped': flightctl_vm's agent "
         "stays stopped)",
     )
+    # What the user wrote for flightvm (its --flightvm-* flags and flightvm_* ini keys) is
+    # checked now: bad input stops the run before any test. The environment is read only
+    # when a VM fixture first needs the settings (see _settings).
     try:
-        settings = _settings_from(config)
-        _check_inputs(settings)
+        cli, ini = _raw_settings(config)
+        _check_inputs(resolve_explicit(cli, ini, os.environ, rootdir=Path(config.rootpath)))
     except ConfigError as exc:
         raise pytest.UsageError(f"flightvm: {exc}") from None
-    config.stash[_settings_key] = settings
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:
-        run_id, worker = workerinput.get(RUN_ID_KEY) or new_run_id(), workerinput["workerid"]
+        run_id, worker = workerinput.get(RUN_ID_KEY) or _new_run_id(), workerinput["workerid"]
     else:
-        run_id, worker = new_run_id(), "main"
+        run_id, worker = _new_run_id(), "main"
     # The run dir is created lazily, the first time a fixture needs it.
-    config.stash[_run_key] = RunContext(run_id, settings.runs_dir / run_id, worker)
+    config.stash[_run_id_key] = (run_id, worker)
     config.stash[_state_key] = {}
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "flightvm-xdist")
@@ -138,7 +179,7 @@ def _is_controller(config: pytest.Config) -> bool:
 
 
 # ----------------------------------------------------------------- helpers
-def _fail_setup(exc: FlightVMError) -> None:
+def _fail_setup(exc: FlightVMError) -> NoReturn:
     """Turn a FlightVMError into a one-line fixture failure (no deep traceback)."""
     msg = f"flightvm: {exc}"
     if exc.detail:
@@ -206,7 +247,10 @@ def _builder(config: pytest.Config, settings: Settings) -> Any:
 @pytest.fixture(scope="session")
 def flightvm_settings(pytestconfig: pytest.Config) -> Settings:
     """The resolved flightvm settings (CLI > ini > env > default)."""
-    return pytestconfig.stash[_settings_key]
+    try:
+        return _settings(pytestconfig)
+    except ConfigError as exc:
+        _fail_setup(exc)
 
 
 @pytest.fixture(scope="session")
@@ -215,7 +259,7 @@ def flightvm_run(pytestconfig: pytest.Config, flightvm_settings: Settings) -> Ru
     from .vm.factory import make_run_dir
     from .vm.reaper import write_run_file
 
-    run = pytestconfig.stash[_run_key]
+    run = _run_context(pytestconfig, flightvm_settings)
     problem = None
     try:  # private (0700, ours, no planted link), in a cache dir of ours
         make_run_dir(flightvm_settings.runs_dir, run.run_id)
@@ -253,6 +297,8 @@ def flightvm_user_data() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
                    flightvm_run: RunContext, flightvm_image: Any) -> Iterator[VMFactory]:
+    from .metrics import write_worker_metrics
+    from .vm.factory import VMFactory
     from .vm.reaper import reap
 
     emit = _progress(pytestconfig)
@@ -281,6 +327,8 @@ def flightvm_factory(_flightvm_core: VMFactory, pytestconfig: pytest.Config) -> 
         def create(self, *, name: str | None = None, memory: int | None = None,
                    vcpus: int | None = None, user_data: dict[str, Any] | None = None,
                    host_ports: list[int] | tuple[int, ...] | None = None) -> Machine:
+            from .vm.factory import VMRequest
+
             with _one_line_errors():
                 ports = _host_ports(_flightvm_core.settings, host_ports, "flightvm_factory.create")
                 vm = _flightvm_core.create(VMRequest(
@@ -303,6 +351,8 @@ def _pool(request: pytest.FixtureRequest, name: str, profile: VMProfile | None =
     state = request.config.stash[_state_key]
     pools: dict[str, VMPool] = state.setdefault("pools", {})
     if name not in pools:
+        from .vm.pool import VMPool
+
         core: VMFactory = request.getfixturevalue("_flightvm_core")
         hook = request.config.hook
 
@@ -356,7 +406,9 @@ def _host_ports(settings: Settings, extra: Any, where: str) -> tuple[int, ...]:
 
 def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[str, Any],
                profile: VMProfile | None = None) -> Iterator[Machine]:
-    settings: Settings = request.config.stash[_settings_key]
+    from .vm.factory import VMRequest
+
+    settings: Settings = request.getfixturevalue("flightvm_settings")
     marks = _marker_overrides(request)
     reset = marks.get("reset") or settings.reset
     user_datas = tuple(u for u in (user_data, marks.get("user_data")) if u)
@@ -407,7 +459,8 @@ def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[s
 
 
 def _keep(request: pytest.FixtureRequest, pool: VMPool, vm: Machine) -> None:
-    run: RunContext = request.config.stash[_run_key]
+    # no getfixturevalue here: this runs in teardown too; the settings are resolved by now
+    run = _run_context(request.config, _settings(request.config))
     (run.run_dir / f"kept-{vm.name}.txt").write_text(pool.factory.keep(vm) + "\n")
 
 
@@ -471,12 +524,21 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    if _settings_key not in config.stash or not _is_controller(config):
+    if _run_id_key not in config.stash or not _is_controller(config):
         return
-    settings = config.stash[_settings_key]
-    run = config.stash[_run_key]
-    if not run.run_dir.exists():
-        return
+    settings = config.stash.get(_settings_key, None)
+    if settings is None:  # no fixture here (a run without VMs, or an xdist controller):
+        try:  # only the cache dir and metrics path are needed, no input dir is read
+            cli, ini = _raw_settings(config)
+            settings = resolve(cli, ini, os.environ, rootdir=Path(config.rootpath))
+        except ConfigError:
+            return  # then no worker could have made a VM
+    run_id, _ = config.stash[_run_id_key]
+    if not (settings.runs_dir / run_id).exists():
+        return  # no fixture made the run dir: no VM, nothing to say (and nothing imported)
+    from .metrics import aggregate
+
+    run = _run_context(config, settings)
     summary = aggregate(run)
     if not summary["resolves"] and not summary["vms"]:
         return

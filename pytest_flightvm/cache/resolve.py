@@ -368,7 +368,8 @@ def _pinned_ref(
                 return done(local["digest"], "local", 0)
             if current and current == local.get("manifest"):
                 return done(local["digest"], "local", 0)
-        pulled = registry.pull_disk(ref.reference, store, arch=settings.arch, log=log)
+        pulled = registry.pull_disk(ref.reference, store, arch=settings.arch, pinned=True,
+                                    log=log)
         store.set_ref(ref_name, pulled.digest, manifest=pulled.manifest_digest, source="registry")
         return done(pulled.digest, "registry", pulled.bytes)
 
@@ -388,11 +389,25 @@ def pull_tag(
     tag = tag or f"{settings.tag_prefix}-latest"
     ref = Reference(base.host, base.repository, None if tag.startswith("sha256:") else tag,
                     tag if tag.startswith("sha256:") else None)
-    image = _pinned_ref(settings.replace(offline=False), Store(settings.store_dir), ref, log,
-                        time.monotonic())
+    store = Store(settings.store_dir)
+    if settings.offline:  # never contact the registry: only what an earlier pull stored
+        info = store.ref_info(_pin_ref_name(ref, settings.arch))
+        if not (info and store.has(info["digest"])):
+            raise ConfigError(f"{ref} is not in the local store, and --flightvm-offline "
+                              "forbids contacting the registry; drop --flightvm-offline to pull it")
+        image = ResolvedImage(store.blob_path(info["digest"]), info["digest"], "", (str(ref),),
+                              "local", 0.0, 0, settings.arch)
+    else:
+        image = _pinned_ref(settings, store, ref, log, time.monotonic())
     Store(settings.store_dir).set_ref(f"tag/{_safe(tag)}", image.digest, ref=str(ref))
     _record(record, image)
     return image
+
+
+def _refuse_offline(settings: Settings, what: str) -> None:
+    if settings.offline:
+        raise ConfigError(f"--flightvm-offline forbids contacting the registry, and {what} "
+                          "needs it; drop --flightvm-offline (or unset FLIGHTVM_OFFLINE)")
 
 
 def push_file(
@@ -400,7 +415,8 @@ def push_file(
     log: Log = _default_log,
 ) -> PushResult:
     """``flightvm cache push FILE [TAG...]``: push a qcow2 as an OCI artifact."""
-    registry = _registry(settings.replace(offline=False))
+    _refuse_offline(settings, "push")
+    registry = _registry(settings)
     if registry is None:
         raise ConfigError("no registry configured; set --registry or FLIGHTVM_REGISTRY")
     try:
@@ -420,7 +436,8 @@ def cache_image(
     """``flightvm cache cache [FILE]``: push the base under ``<prefix>-<key>-<arch>``,
     ``<prefix>-<git short>`` and, from a clean tree, ``<prefix>-latest``. Without FILE the
     base is resolved first (local store, else build)."""
-    registry = _registry(settings.replace(offline=False))
+    _refuse_offline(settings, "push")
+    registry = _registry(settings)
     if registry is None:
         raise ConfigError("no registry configured; set --registry or FLIGHTVM_REGISTRY")
     builder = builder or builder_for(settings.build_cmd, settings.rootdir)

@@ -36,7 +36,8 @@ def connect(uri: str) -> Any:
     except libvirt.libvirtError as exc:
         msg = (exc.get_error_message() or str(exc)).splitlines()[0]
         raise LibvirtUnreachable(
-            f"cannot reach libvirt at {uri} ({msg}); start libvirtd (make host) "
+            f"cannot reach libvirt at {uri} ({msg}); start virtlogd and libvirtd "
+            "(`virtlogd -d; libvirtd -d`, or `make host` in a pytest-flightvm checkout) "
             "or pass --flightvm-libvirt-uri"
         ) from None
 

@@ -176,7 +176,7 @@ def test_r15_store_tmp_seed_key_and_foreign_cache_dir(tally: Tally, pytester: py
         (cache / "store").mkdir(parents=True)
         (cache / "store" / "tmp").symlink_to(victim)
         check_cli(["cache", "get", "--cache-dir", str(cache), "--image", str(small)],
-                  ["tmp is a symbolic link", "--flightvm-cache-dir"])
+                  ["tmp is a symbolic link", "--cache-dir"])
         assert snapshot(victim) == before
     ud = tmp_path / "ud.yaml"
     ud.write_text("#cloud-config\n{}\n")
@@ -198,7 +198,7 @@ def test_r15_store_tmp_seed_key_and_foreign_cache_dir(tally: Tally, pytester: py
         os.chown(theirs, NOBODY, NOBODY)
         os.chown(theirs / "store", NOBODY, NOBODY)
         check_cli(["cache", "get", "--cache-dir", str(theirs), "--image", str(small)],
-                  [f"belongs to uid {NOBODY}", "--flightvm-cache-dir"])
+                  [f"belongs to uid {NOBODY}", "--cache-dir"])
         result, text = session(pytester, f"--flightvm-cache-dir={theirs}",
                                f"--flightvm-image={small}")
         check_setup_error(result, text, [f"belongs to uid {NOBODY}", "--flightvm-cache-dir"])

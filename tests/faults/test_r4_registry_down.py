@@ -83,7 +83,8 @@ def test_cli_one_clear_line(bad_registry: str, tally: Tally, tmp_path: Path,
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1, lines
         assert lines[0].startswith("flightvm: registry 127.0.0.1:") and _reason_ok(lines[0], kind)
-        assert "--flightvm-offline" in lines[0]  # names a way out
+        assert "use --offline" in lines[0]  # names a way out, in the CLI's own flag
+        assert "--flightvm-" not in lines[0]
 
 
 def test_plugin_session_builds_with_one_warning(bad_registry: str, golden: Golden,

@@ -70,13 +70,16 @@ def check_no_domain(*paths: Path) -> None:
         assert domains_referencing(str(path)) == [], f"a domain was defined for {path}"
 
 
-def check_cli(args: Sequence[str], fix: Sequence[str], env: dict[str, str] | None = None) -> str:
+def check_cli(args: Sequence[str], fix: Sequence[str], env: dict[str, str] | None = None,
+              code: int = 2) -> str:
+    """One line, exit ``code``, naming ``fix`` in the CLI's own flags (never --flightvm-*)."""
     proc = cli(*args, env=env or base_env())
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("flightvm: ") and all(f in lines[0] for f in fix), lines[0]
+    assert "--flightvm-" not in lines[0], lines[0]
     assert "Traceback" not in proc.stderr
     return lines[0]
 
@@ -226,7 +229,9 @@ def test_libvirt_unreachable(pytester: pytest.Pytester, tally: Tally, tmp_path: 
                                f"--flightvm-libvirt-uri={NO_LIBVIRT}")
         check_setup_error(result, text, fix)
         check_no_domain(cache)
-        check_cli(["gc", "--libvirt-uri", NO_LIBVIRT, "--cache-dir", str(tmp_path / "c")], fix)
+        # the CLI: its own flag, and exit 1 (libvirtd down is a failed operation, not bad input)
+        check_cli(["gc", "--libvirt-uri", NO_LIBVIRT, "--cache-dir", str(tmp_path / "c")],
+                  ["cannot reach libvirt at", "--libvirt-uri"], code=1)
 
 
 # -- an unwritable cache dir ------------------------------------------------------------------
@@ -251,7 +256,7 @@ def test_unwritable_cache_dir(how: str, pytester: pytest.Pytester, tally: Tally,
             check_setup_error(result, text, [str(cache), reason, "--flightvm-cache-dir"])
             check_no_domain(cache)
             check_cli(["cache", "get", "--cache-dir", str(cache), "--image", str(small_qcow2)],
-                      [reason, "--flightvm-cache-dir"])
+                      [reason, "--cache-dir"])
         finally:
             if mount is not None:
                 mount.__exit__(None, None, None)
@@ -263,12 +268,13 @@ def test_unwritable_cache_dir(how: str, pytester: pytest.Pytester, tally: Tally,
 def test_full_disk(pytester: pytest.Pytester, tally: Tally, tmp_path: Path,
                    golden: Golden, real_base: dict[str, Any]) -> None:
     fix = ["No space left on device", "free space there or set --flightvm-cache-dir"]
+    cli_fix = ["No space left on device", "free space there or set --cache-dir"]
     with tally.trial("R6", "full disk: pull the real base (480 MiB) into a 64 MiB tmpfs"), \
             tmpfs(tmp_path / "full", size="64m") as full:
         cache = full / "cli"
         tag = real_base["tags"][0]
         check_cli(["cache", "pull", tag, "--registry", real_base["registry"], "--cache-dir",
-                   str(cache)], fix)
+                   str(cache)], cli_fix)
         assert list((cache / "store" / "tmp").iterdir()) == []  # the partial was removed
         assert list((cache / "store" / "blobs" / "sha256").iterdir()) == []
 

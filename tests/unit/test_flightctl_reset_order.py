@@ -25,7 +25,7 @@ from pytest_flightvm.flightctl import (
 CONFTEST = r'''
 import json, os, types
 import pytest
-import pytest_flightvm.plugin as plugin
+import pytest_flightvm.vm.pool as pool_mod
 
 EVENTS = []
 
@@ -89,7 +89,7 @@ class FakePool:
         pass
 
 
-plugin.VMPool = FakePool
+pool_mod.VMPool = FakePool  # the plugin imports VMPool from here when first needed
 
 
 @pytest.fixture(scope="session")

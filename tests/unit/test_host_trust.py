@@ -125,7 +125,8 @@ def test_another_users_cache_dir_is_one_line_store_unusable(
         Store(store)
     assert main(["cache", "ls", "--cache-dir", str(cache), "--offline"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("flightvm: ") and "--flightvm-cache-dir" in err
+    # the CLI names its own flag (--cache-dir), not the plugin's
+    assert err.count("\n") == 1 and err.startswith("flightvm: ") and "set --cache-dir" in err
 
 
 class _NoBoot(VMFactory):

@@ -26,7 +26,7 @@ from typing import Any
 import requests
 
 from ...errors import ArtifactNotFound, NotQcow2Error
-from ..qcow2 import check_qcow2
+from ..qcow2 import QCOW2_MAGIC, check_qcow2
 from ..reference import Reference, is_loopback
 from ..store import Store
 from . import layout, transfer
@@ -73,8 +73,20 @@ class PullResult:
     manifest_digest: str
     bytes: int  # bytes received over the network
     seconds: float
-    layout: str  # "flightvm" | "container"
+    layout: str  # "flightvm" | "file" (a plain ORAS push of a qcow2) | "container"
     annotations: dict[str, str]
+
+
+def titled_disk(layer: Mapping[str, Any]) -> bool:
+    """A layer that names itself a qcow2 file (``org.opencontainers.image.title``
+    ``*.qcow2``) and declares no compression: how ``oras push REF disk.qcow2`` (the
+    oras CLI and oras-py) stores a file, whatever media type it gives it. Only a
+    candidate: its content decides (:func:`.transfer.pull_titled_layer`)."""
+    annotations = layer.get("annotations") or {}
+    title = annotations.get(ANN_TITLE) if isinstance(annotations, Mapping) else None
+    media_type = str(layer.get("mediaType", "")).lower()
+    return (isinstance(title, str) and title.lower().endswith(".qcow2")
+            and not any(z in media_type for z in ("gzip", "zstd", "bzip2", "xz")))
 
 
 class FlightRegistry:
@@ -137,13 +149,19 @@ class FlightRegistry:
         *,
         arch: str,
         key: str | None = None,
+        pinned: bool = False,
         log: Log = nolog,
     ) -> PullResult:
         """Pull the qcow2 that ``reference`` (a tag or ``sha256:`` manifest digest) names,
         verify it while writing, and install it in ``store``.
 
-        Raises ArtifactNotFound when the reference is missing, is for another
-        arch, or (when ``key`` is given) was built from another key.
+        The disk is our layer (:data:`LAYER_MEDIA_TYPE`), else a layer titled ``*.qcow2``
+        whose bytes start with the qcow2 magic (a plain ``oras push``), else the seed's
+        container layout. ``pinned``: the user named this artifact (``--flightvm-image
+        REF``, ``flightvm cache pull TAG``), so one with no arch annotation is taken,
+        with one notice line. Raises ArtifactNotFound when the reference is missing,
+        its arch annotation names another arch (or, unpinned, none), or (when ``key``
+        is given) it was built from another key.
         """
         start = time.monotonic()
         manifest, manifest_digest = self.client.get_manifest(reference, arch)
@@ -154,11 +172,17 @@ class FlightRegistry:
 
         layers = manifest["layers"]
         ours = [la for la in layers if la.get("mediaType", "").startswith(LAYER_MEDIA_TYPE)]
-        if ours:
-            annotations = {**check_annotations(ours[0].get("annotations"), what),
+        titled = [] if ours else [la for la in layers if titled_disk(la)]
+        disk_layer = (ours or titled or [None])[0]
+        found: tuple[str, int] | None = None
+        if disk_layer is not None:
+            annotations = {**check_annotations(disk_layer.get("annotations"), what),
                            **check_annotations(manifest.get("annotations"), what)}
             art_arch = annotations.get(ANN_ARCH)
-            if art_arch != arch:
+            if art_arch is None and pinned:
+                log(f"flightvm: notice: {what} carries no {ANN_ARCH} annotation; "
+                    f"using it as {arch} because it was pinned")
+            elif art_arch != arch:
                 raise ArtifactNotFound(
                     f"{what} is for arch {str(art_arch or 'unknown')[:40]}, not {arch}"
                 )
@@ -167,8 +191,21 @@ class FlightRegistry:
                     f"{what} was built from key {str(annotations.get(ANN_KEY))[:12]}, "
                     f"not {key[:12]}"
                 )
-            digest, moved = transfer.pull_layer(self.client, ours[0], store, log, check)
-            layout_name = "flightvm"
+            if ours:
+                found = transfer.pull_layer(self.client, disk_layer, store, log, check)
+                layout_name = "flightvm"
+            else:
+                found = transfer.pull_titled_layer(self.client, disk_layer, store, log, check,
+                                                   QCOW2_MAGIC)
+                layout_name = "file"
+                if found is None:  # named *.qcow2, and it is not one (a tar would be odd too)
+                    title = str((disk_layer.get("annotations") or {}).get(ANN_TITLE))[:80]
+                    raise NotQcow2Error(
+                        f"{what}: the layer titled {title!r} is not a qcow2 disk image (no "
+                        "qcow2 magic); convert it with `qemu-img convert -O qcow2` and push "
+                        "that")
+        if found is not None:
+            digest, moved = found
         else:
             annotations = check_annotations(manifest.get("annotations"), what)
             digest, moved = layout.pull_container(self.client, manifest, store, arch, what, log,

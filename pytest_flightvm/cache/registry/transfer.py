@@ -59,6 +59,48 @@ class PushResult:
 # -- pull ------------------------------------------------------------------------------
 
 
+def pull_titled_layer(client: Client, layer: Mapping[str, Any], store: Store, log_fn: Log,
+                      check: Callable[[Path], None], magic: bytes) -> tuple[str, int] | None:
+    """Pull a layer that another client pushed as a plain file (``oras push REF
+    disk.qcow2``: media type ``application/vnd.oci.image.layer.v1.tar``, titled
+    ``disk.qcow2``, the bytes stored as they are) into ``store``.
+
+    The title only nominates the layer; its content decides. The first bytes must be
+    ``magic`` (else None: nothing is read further or stored), then the whole blob must
+    match its declared size and digest and pass ``check`` before the store installs it.
+    Returns (store digest, wire bytes).
+    """
+    what = f"layer of {client.ref.name}"
+    digest, size = check_digest(layer["digest"], what), int(layer["size"])
+    if size > MAX_DISK:
+        raise RegistryError(f"{what} declares {size} bytes, more than {MAX_DISK >> 30} GiB; "
+                            "refused")
+    if store.has(digest):
+        return digest, 0  # the same bytes, already vetted and stored
+    resp = client.get_blob(digest)
+    try:
+        chunks = client.bounded(resp, size, f"blob {digest[:19]} of {client.ref.name}")
+        head = b""
+        for chunk in chunks:  # the magic may straddle chunks (it never does in practice)
+            head += chunk
+            if len(head) >= len(magic):
+                break
+        if not head.startswith(magic):
+            return None
+        progress = Progress("pulling base image", size, log_fn)
+        with store.writer(expected=digest, size=size, check=check) as w:
+            w.write(head)
+            progress.update(len(head))
+            for chunk in chunks:
+                w.write(chunk)
+                progress.update(len(chunk))
+        assert w.digest is not None
+        progress.finish()
+        return w.digest, w.bytes
+    finally:
+        resp.close()
+
+
 def pull_layer(client: Client, layer: Mapping[str, Any], store: Store, log_fn: Log,
                check: Callable[[Path], None]) -> tuple[str, int]:
     """Pull a flightvm disk layer into ``store``; returns (store digest, wire bytes).
