@@ -429,9 +429,11 @@ def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[s
         resets.extend({**r, "test": request.node.nodeid} for r in pool.resets[before:])
         # a reset rolled the guest back under the forwarding connection: open it again
         vm.set_host_ports(host_ports, reopen=len(pool.resets) > before)
-        fresh = vm is not previous or any(r["mode"] == "reboot" for r in pool.resets[before:])
-        _record_vm(request, vm, "booted" if fresh else "reset" if len(pool.resets) > before
-                   else "reused", time.monotonic() - started)
+        if vm is not previous or any(r["mode"] == "reboot" for r in pool.resets[before:]):
+            made = "booted"
+        else:
+            made = "reset" if len(pool.resets) > before else "reused"
+        _record_vm(request, vm, made, time.monotonic() - started)
     except BootError as exc:
         failed_vm: Machine | None = getattr(exc, "machine", None)
         if failed_vm is not None:

@@ -312,6 +312,7 @@ class VMFactory:
         if machine in self.machines:
             self.machines.remove(machine)
         machine.ssh.close()
+        machine.stop_streaming()  # the run ends, the VM goes on: stream its tail now
         self.save_artifact(machine)
         (machine.vm_dir / KEPT_MARKER).write_text(f"{time.time()}\n")
         return (f"flightvm: kept VM {machine.name}\n"

@@ -332,9 +332,7 @@ class Machine:
         """Stop and undefine the domain, then delete its overlay, seed and console."""
         import libvirt
 
-        self._stop_stream.set()
-        if self._streamer is not None:
-            self._streamer.join(timeout=5)  # it prints the console's tail before files go
+        self.stop_streaming()
         self._host_ports.close()
         self.ssh.cleanup()
         if self.dom is not None:
@@ -379,6 +377,12 @@ class Machine:
             time.sleep(interval)
 
     # ---------------------------------------------------------- live console
+    def stop_streaming(self) -> None:
+        """End --flightvm-console's copy of this console, after one last read (its tail)."""
+        self._stop_stream.set()
+        if self._streamer is not None:
+            self._streamer.join(timeout=5)  # it prints the console's tail before files go
+
     def _start_streaming(self, out: TextIO) -> None:
         self._streamer = threading.Thread(
             target=follow_console, args=(self.spec.console_log, self.name, out, self._stop_stream),

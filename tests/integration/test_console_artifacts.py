@@ -1,6 +1,7 @@
 """One VM for issue 17's console, progress and artifacts: a suite run with
 --flightvm-artifacts and --junitxml, a passing test then a failing one (a reset between
-them), its VM kept on failure. Checks: the boot's plain progress lines, the failing test's
+them), its VM kept on failure. Checks: the boot's plain progress lines, the console log's
+readers (failure section, --flightvm-console) with the pty serial, the failing test's
 console log in the artifacts dir (text written after the restore included), the run's
 metrics there, the junit entries' VM properties, and `virsh console NAME` attached to
 the kept VM showing a login prompt."""
@@ -86,7 +87,8 @@ def test_console_progress_and_artifacts(vm_suite) -> None:
     junit = vm_suite.cache_dir / "junit.xml"
     start = time.monotonic()
     result, metrics = vm_suite.run("-v", "--flightvm-keep=on-failure", "--flightvm-reset=restore",
-                                   f"--flightvm-artifacts={art}", f"--junitxml={junit}")
+                                   f"--flightvm-artifacts={art}", f"--junitxml={junit}",
+                                   DEBUG_VM_CONSOLE="1")
     wall = time.monotonic() - start
     out, err = result.stdout.str(), result.stderr.str()
     kept_match = re.search(r"flightvm gc --name (\S+)", out)
@@ -110,6 +112,13 @@ def test_console_progress_and_artifacts(vm_suite) -> None:
         assert all(a != b for a, b in pairwise(stages)), stages  # per change only
         seconds = [int(s) for s, _ in lines]
         assert seconds == sorted(seconds) and seconds[-1] > 5
+
+        # Every other reader of the console log still reads it off the pty's log file: the
+        # failing test's report section, and --flightvm-console's live copy on stderr.
+        fail_block = out[out.index("_ test_fails _"):]
+        assert f"flightvm console {kept}" in fail_block and MARK in fail_block
+        assert re.search(rf"^\[{re.escape(kept)}\] \[ +0\.0+\] Linux version", err, re.M)
+        assert re.search(rf"^\[{re.escape(kept)}\] .*{MARK}", err, re.M)
 
         # Artifacts: private dir, the kept VM's console (with what the failing test wrote to
         # the serial port after the reset's restore), and the run's metrics.
