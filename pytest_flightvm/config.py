@@ -136,6 +136,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics", "write run metrics as JSON to this file", "--flightvm-metrics",
            "flightvm_metrics", ("FLIGHTVM_METRICS",), kind="path",
            metavar="FILE", default="none"),
+    Option("artifacts", "keep each VM's console log and the run's metrics in this dir, "
+           "for CI to upload",
+           "--flightvm-artifacts", "flightvm_artifacts", ("FLIGHTVM_ARTIFACTS",), kind="path",
+           metavar="DIR", default="none"),
     Option("host_ports", "a host port (on 127.0.0.1) the guest may reach at vm.host_address; "
            "repeat for more",
            "--flightvm-host-port", "flightvm_host_ports", kind="ports",
@@ -223,6 +227,7 @@ class Settings:
     tpm: bool = False
     cpu: str | None = None
     metrics: Path | None = None
+    artifacts: Path | None = None
     host_ports: tuple[int, ...] = ()
     host_alias: str | None = None
     guest_outbound: bool = False

@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import sys
+import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
@@ -212,6 +213,48 @@ def _progress(config: pytest.Config) -> Any:
     return emit
 
 
+class _BootStatus:
+    """While a VM boots: one live status line per VM on a terminal (elapsed time and the
+    last boot stage, rewritten in place), plain lines on each new stage when stdout is no
+    terminal or under xdist (workers share the controller's stderr), nothing with -qq."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.quiet = (config.getoption("verbose") or 0) <= -2
+        self.tr = config.pluginmanager.getplugin("terminalreporter")
+        # --flightvm-console streams consoles to the same terminal: plain lines then
+        self.live = bool(self.tr is not None and _is_controller(config) and self.tr.isatty
+                         and not config.stash[_settings_key].console)
+        self.plain = _progress(config)
+        self.last: dict[str, str] = {}
+
+    def __call__(self, vm: Machine, elapsed: float, stage: str, done: bool) -> None:
+        if self.quiet:
+            return
+        from .vm.bootstage import format_status
+
+        line = format_status(vm.name, elapsed, stage)
+        with contextlib.suppress(OSError, ValueError):  # a closed terminal stops no boot
+            if self.live:
+                self._rewrite(vm.name, line, done)
+            elif done or self.last.get(vm.name) != stage:
+                self.plain(line)
+        self.last[vm.name] = stage
+        if done:
+            self.last.pop(vm.name, None)
+
+    def _rewrite(self, name: str, line: str, done: bool) -> None:
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        with (capman.global_and_fixture_disabled() if capman is not None
+              else contextlib.nullcontext()):
+            if name not in self.last:
+                self.tr.ensure_newline()
+            self.tr.rewrite(line, erase=True)
+            if done:
+                self.tr.write("\n")
+            self.tr.flush()
+
+
 def _builder(config: pytest.Config, settings: Settings) -> Any:
     from .cache import build
 
@@ -312,7 +355,8 @@ def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
     with _one_line_errors():
         factory = VMFactory(flightvm_settings, Path(flightvm_image.path), flightvm_run,
                             user_data_hook=user_data_hook, notice=emit,
-                            console_out=pytestconfig.stash.get(_console_out_key, None))
+                            console_out=pytestconfig.stash.get(_console_out_key, None),
+                            progress=_BootStatus(pytestconfig))
     yield factory
     factory.close()
     write_worker_metrics(flightvm_run, flightvm_image, factory,
@@ -424,6 +468,7 @@ def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[s
                     ready_checks=profile.ready_checks if profile else (), host_ports=())
     pool = _pool(request, pool_name, profile)
     state = request.config.stash[_state_key]
+    previous, started = pool.current, time.monotonic()
     try:
         if profile is not None:
             profile.configure(marks)
@@ -436,9 +481,15 @@ def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[s
         resets.extend({**r, "test": request.node.nodeid} for r in pool.resets[before:])
         # a reset rolled the guest back under the forwarding connection: open it again
         vm.set_host_ports(host_ports, reopen=len(pool.resets) > before)
+        if vm is not previous or any(r["mode"] == "reboot" for r in pool.resets[before:]):
+            made = "booted"
+        else:
+            made = "reset" if len(pool.resets) > before else "reused"
+        _record_vm(request, vm, made, time.monotonic() - started)
     except BootError as exc:
         failed_vm: Machine | None = getattr(exc, "machine", None)
         if failed_vm is not None:
+            _record_vm(request, failed_vm, "boot failed", time.monotonic() - started)
             if profile is not None and not exc.detail.count("--- journal"):
                 exc.detail += "\n" + _best_effort(profile.diagnose, failed_vm)
             if settings.keep != "never":
@@ -456,6 +507,18 @@ def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[s
     if keep and pool.current is vm:
         pool.detach()
         _keep(request, pool, vm)
+
+
+def _record_vm(request: pytest.FixtureRequest, vm: Machine, made: str, seconds: float) -> None:
+    """The test's VM in its junit XML entry (user properties, as ``record_property`` adds):
+    its name, how it was made for this test (booted, reset, reused, boot failed), the
+    seconds that took, and its console log under --flightvm-artifacts."""
+    props = request.node.user_properties
+    props += [("flightvm_vm", vm.name), ("flightvm_vm_made", made),
+              ("flightvm_vm_seconds", f"{seconds:.1f}")]
+    artifact = getattr(vm, "artifact", None)
+    if artifact is not None:
+        props.append(("flightvm_console", str(artifact)))
 
 
 def _keep(request: pytest.FixtureRequest, pool: VMPool, vm: Machine) -> None:
@@ -573,6 +636,17 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         settings.metrics.parent.mkdir(parents=True, exist_ok=True)
         settings.metrics.write_text(json.dumps(summary, indent=2, default=str))
         tr.write_line(f"metrics written to {settings.metrics}")
+    if settings.artifacts is not None:
+        from . import artifacts
+
+        try:
+            where = artifacts.artifact_dir(settings.artifacts)
+            path = artifacts.write_new(where, f"flightvm-{run.run_id}", ".metrics.json",
+                                       json.dumps(summary, indent=2, default=str).encode())
+        except (ConfigError, OSError) as exc:
+            tr.write_line(f"flightvm: artifacts not written: {exc}")
+        else:
+            tr.write_line(f"artifacts (consoles, metrics) in {where} ({path.name})")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -8,6 +8,9 @@ Choices that docs/HOST.md measured on this kind of host:
   backend does not work here);
 - a static DAC label with ``relabel='no'`` makes QEMU run as root and keeps
   libvirt from chowning the shared, read-only base behind our back;
+- the serial console is a pty (``virsh console NAME`` attaches to it) whose output
+  virtlogd also appends to ``console_log``: the file every console reader uses
+  (readiness, ``--flightvm-console``, failure reports, artifacts);
 - the overlay is a throwaway: ``cache='unsafe'`` drops the guest's flushes (a VM is never
   resumed after a host crash) and lets a reset's destroy skip writing the overlay back.
 """
@@ -173,8 +176,8 @@ class DomainSpec:
       <target dev='vda' bus='virtio'/>
     </disk>
     <controller type='scsi' model='virtio-scsi'/>{seed}
-    <serial type='file'>
-      <source path={quoteattr(str(self.console_log))} append='on'/>
+    <serial type='pty'>
+      <log file={quoteattr(str(self.console_log))} append='on'/>
       <target port='0'/>
     </serial>
     <channel type='unix'>

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import artifacts
 from ..config import Settings
 from ..errors import BootError, ConfigError, FlightVMError, KVMUnusable
 from ..seed.iso import write_iso
@@ -31,7 +32,7 @@ from .domain import NAME_PREFIX, DomainSpec, Owner, random_mac, vm_name_problem
 from .hostkey import HostKey, generate_host_key, write_known_hosts
 from .hostports import HOST_ADDRESS, alias_user_data, install_host_alias
 from .libvirt_conn import connect
-from .machine import Machine, ReadyCheck
+from .machine import BootProgress, Machine, ReadyCheck
 from .ports import release_port, reserve_port
 from .reaper import KEPT_MARKER
 from .ssh import Login, SSHClient, generate_keypair, write_askpass
@@ -98,8 +99,10 @@ class VMFactory:
         user_data_hook: UserDataHook | None = None,
         notice: Callable[[str], None] = log.warning,
         console_out: TextIO | None = None,
+        progress: BootProgress | None = None,
     ) -> None:
         self.settings = settings
+        self.progress = progress  # hears each booting VM's stage (a live status line)
         # --flightvm-console: where guest consoles stream live (the plugin hands over a
         # copy of the terminal's stderr taken before pytest's capture)
         self.console_out = (console_out or sys.__stderr__) if settings.console else None
@@ -114,6 +117,9 @@ class VMFactory:
         self._conn: Any = None
         self.firmware = fw_mod.firmware(settings.firmware)
         self._hardware_checked = False
+        # --flightvm-artifacts: checked here, when the first VM is wanted, not at start-up
+        self.artifacts = (artifacts.artifact_dir(settings.artifacts)
+                          if settings.artifacts is not None else None)
         self.key_path, self.public_key = generate_keypair(run.run_dir / "ssh")
         self.login = self._login()
         self._warned: set[str] = set()
@@ -220,8 +226,11 @@ class VMFactory:
             base=self.base_image, vm_dir=vm_dir,
             boot_timeout=accel_mod.timeout_for(accel, self.settings.boot_timeout),
             ready_checks=request.ready_checks, console_out=self.console_out,
+            progress=self.progress,
         )
         machine.kvm_probation = probation
+        if self.artifacts is not None:
+            machine.artifact = artifacts.reserve(self.artifacts, name, ".console.log")
         self.machines.append(machine)
         try:
             machine.boot()
@@ -284,9 +293,16 @@ class VMFactory:
         except (OSError, FlightVMError):
             pass
 
+    def save_artifact(self, machine: Machine) -> None:
+        """Copy the console log, as it is now, to the file reserved under --flightvm-artifacts."""
+        if machine.artifact is not None:
+            artifacts.fill(machine.artifact, machine.spec.console_log)
+
     def discard(self, machine: Machine, *, port: int | None = None) -> None:
-        """Destroy one VM now and forget it."""
-        machine.destroy()
+        """Destroy one VM now and forget it (its console goes to the artifacts dir first)."""
+        machine.destroy(remove_files=False)
+        self.save_artifact(machine)
+        shutil.rmtree(machine.vm_dir, ignore_errors=True)
         release_port(None, port if port is not None else machine.ssh_port)
         if machine in self.machines:
             self.machines.remove(machine)
@@ -296,6 +312,8 @@ class VMFactory:
         if machine in self.machines:
             self.machines.remove(machine)
         machine.ssh.close()
+        machine.stop_streaming()  # the run ends, the VM goes on: stream its tail now
+        self.save_artifact(machine)
         (machine.vm_dir / KEPT_MARKER).write_text(f"{time.time()}\n")
         return (f"flightvm: kept VM {machine.name}\n"
                 f"  ssh:     {machine.ssh_command()}\n"

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from ..errors import BootError, GuestCommandError, KVMUnusable, LibvirtError
 from .accel import KVM_PROGRESS_SECONDS
+from .bootstage import SSH_STAGE
 from .disk import create_overlay
 from .domain import DomainSpec
 from .hostports import HOST_ADDRESS, HostPorts
@@ -40,6 +41,8 @@ _STATE_NAMES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shut
 
 
 ReadyCheck = Callable[["Machine"], bool]
+#: ``progress(machine, elapsed_seconds, stage, done)`` while a machine boots (see ready.Progress)
+BootProgress = Callable[["Machine", float, str, bool], None]
 
 #: A baked login refused this long apart (twice) is a wrong credential, not a slow boot.
 LOGIN_REFUSED_SECONDS = 5.0
@@ -61,8 +64,10 @@ class Machine:
         boot_timeout: float,
         ready_checks: tuple[ReadyCheck, ...] = (),
         console_out: TextIO | None = None,
+        progress: BootProgress | None = None,
     ) -> None:
         self.conn = conn
+        self.progress = progress  # boot stage reports, for a live status line
         self.spec = spec
         self.ssh = ssh
         self.base = base
@@ -85,6 +90,8 @@ class Machine:
         # None until readiness finds out; False on an image without cloud-init (baked login)
         self.has_cloud_init: bool | None = None
         self._denied_at: float | None = None
+        self._ssh_answered = False  # a boot stage the console cannot show
+        self.artifact: Path | None = None  # --flightvm-artifacts: where its console goes
 
     # ---------------------------------------------------------------- identity
     @property
@@ -169,10 +176,19 @@ class Machine:
 
     def wait_ready(self, *, timeout: float | None = None,
                    watcher: ConsoleWatcher | None = None) -> float:
-        probe = Probe(domain_state=self._domain_problem, guest_ready=self._guest_ready)
+        self._ssh_answered = False
+        probe = Probe(domain_state=self._domain_problem, guest_ready=self._guest_ready,
+                      stage=lambda: SSH_STAGE if self._ssh_answered else None)
+        report = self.progress
+
+        def progress(elapsed: float, stage: str, done: bool) -> None:
+            if report is not None:
+                report(self, elapsed, stage, done)
+
         try:
             return wait_until_ready(self.name, self.spec.console_log, probe,
-                                    timeout=timeout or self.boot_timeout, watcher=watcher)
+                                    timeout=timeout or self.boot_timeout, watcher=watcher,
+                                    progress=progress if report is not None else None)
         except BootError as exc:
             self.failed = True
             if self.kvm_probation and self._kvm_stalled(str(exc)):
@@ -217,6 +233,7 @@ class Machine:
             self._check_login_refused(res.stderr)
             return False
         self._denied_at = None
+        self._ssh_answered = True
         state, detail = cloud_init_state(res.stdout)
         if state == "absent":  # not started yet, or a custom image: ask cloud-init itself
             state = self._cloud_init_status()
@@ -271,6 +288,7 @@ class Machine:
         if res.returncode == 255:
             self._check_login_refused(res.stderr)
             return False
+        self._ssh_answered = True
         state = res.stdout.strip().splitlines()[-1:] or [""]
         if state[0] in ("running", "degraded"):
             return True
@@ -314,9 +332,7 @@ class Machine:
         """Stop and undefine the domain, then delete its overlay, seed and console."""
         import libvirt
 
-        self._stop_stream.set()
-        if self._streamer is not None:
-            self._streamer.join(timeout=5)  # it prints the console's tail before files go
+        self.stop_streaming()
         self._host_ports.close()
         self.ssh.cleanup()
         if self.dom is not None:
@@ -361,6 +377,12 @@ class Machine:
             time.sleep(interval)
 
     # ---------------------------------------------------------- live console
+    def stop_streaming(self) -> None:
+        """End --flightvm-console's copy of this console, after one last read (its tail)."""
+        self._stop_stream.set()
+        if self._streamer is not None:
+            self._streamer.join(timeout=5)  # it prints the console's tail before files go
+
     def _start_streaming(self, out: TextIO) -> None:
         self._streamer = threading.Thread(
             target=follow_console, args=(self.spec.console_log, self.name, out, self._stop_stream),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BootError
+from .bootstage import FIRST_STAGE, stage_of
 
 # Console lines that mean the guest will never become ready.
 FAILURE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -45,12 +46,14 @@ def console_tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 class ConsoleWatcher:
-    """Reads a console log incrementally and reports the first failure pattern."""
+    """Reads a console log incrementally and reports the first failure pattern; ``stage``
+    is the last boot stage its lines showed (:mod:`bootstage`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = path.stat().st_size if path.exists() else 0
         self._carry = ""
+        self.stage = FIRST_STAGE
 
     def scan(self) -> str | None:
         try:
@@ -63,10 +66,16 @@ class ConsoleWatcher:
         text = self._carry + chunk.decode(errors="replace")
         lines = text.split("\n")
         self._carry = lines[-1][-4096:]
-        for line in lines:
+        for line in lines[:-1]:  # whole lines; the carry is read again with its end
             for label, pattern in FAILURE_PATTERNS:
                 if pattern.search(line):
                     return f"{label}: {line.strip()[:200]}"
+            stage = stage_of(line)
+            if stage is not None:
+                self.stage = stage
+        for label, pattern in FAILURE_PATTERNS:  # a panic's last line may have no newline yet
+            if pattern.search(lines[-1]):
+                return f"{label}: {lines[-1].strip()[:200]}"
         return None
 
 
@@ -115,6 +124,12 @@ class Probe:
 
     domain_state: Callable[[], str | None]  # None = running fine, else a failure description
     guest_ready: Callable[[], bool]  # True once ready; may raise BootError
+    stage: Callable[[], str | None] = lambda: None  # a stage the console cannot show (SSH)
+
+
+#: ``progress(elapsed_seconds, stage, done)``: called about once a second while a VM boots,
+#: and once more with ``done=True`` (stage ``ready`` or ``failed``).
+Progress = Callable[[float, str, bool], None]
 
 
 def wait_until_ready(
@@ -126,11 +141,30 @@ def wait_until_ready(
     interval: float = 1.0,
     watcher: ConsoleWatcher | None = None,
     clock: Callable[[], float] = time.monotonic,
+    progress: Progress | None = None,
 ) -> float:
-    """Block until ready; return the seconds it took. Raise BootError on failure."""
+    """Block until ready; return the seconds it took. Raise BootError on failure.
+
+    ``progress`` hears the last stage seen (console or probe) about once a second."""
     start = clock()
-    deadline = start + timeout
     watcher = watcher or ConsoleWatcher(console)
+    try:
+        seconds = _wait(name, console, probe, start, timeout, interval, watcher, clock, progress)
+    except BaseException:
+        if progress is not None:
+            progress(clock() - start, "failed", True)
+        raise
+    if progress is not None:
+        progress(seconds, "ready", True)
+    return seconds
+
+
+def _wait(name: str, console: Path, probe: Probe, start: float, timeout: float,
+          interval: float, watcher: ConsoleWatcher, clock: Callable[[], float],
+          progress: Progress | None) -> float:
+    deadline = start + timeout
+    stage = watcher.stage
+    seen: tuple[str, str | None] = (watcher.stage, None)
 
     def fail(reason: str) -> BootError:
         tail = console_tail(console)
@@ -145,6 +179,14 @@ def wait_until_ready(
         state = probe.domain_state()
         if state:
             raise fail(state)
+        if progress is not None:
+            now = (watcher.stage, probe.stage())
+            if now[0] != seen[0]:  # the last stage seen wins, from either source
+                stage = now[0]
+            if now[1] is not None and now[1] != seen[1]:
+                stage = now[1]
+            seen = now
+            progress(clock() - start, stage, False)
         if probe.guest_ready():
             return clock() - start
         if clock() > deadline:

@@ -36,7 +36,11 @@ def test_domain_xml_has_the_measured_choices(tmp_path: Path) -> None:
     # closed by default: restrict=on keeps DHCP and the SSH forward, drops everything else
     assert "user,id=fvmnet0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22" in args
     assert any("mac=52:54:00:aa:bb:cc" in a and "addr=0x10" in a for a in args)
-    assert root.find("devices/serial/source").get("path") == str(tmp_path / "c.log")
+    # a pty (virsh console attaches to it) whose output virtlogd appends to the log file
+    serial = root.find("devices/serial")
+    assert serial.get("type") == "pty"
+    assert serial.find("log").get("file") == str(tmp_path / "c.log")
+    assert serial.find("log").get("append") == "on"
 
 
 def test_kvm_domain_type(tmp_path: Path) -> None:
