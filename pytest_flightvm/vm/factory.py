@@ -312,11 +312,14 @@ class VMFactory:
         return files
 
     # ------------------------------------------------------------ booted states
-    def state_parts(self, request: VMRequest, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    def state_parts(self, request: VMRequest, extra: tuple[str, ...] = (),
+                    accel: str | None = None) -> dict[str, Any]:
         """What shapes the booted guest ``request`` asks for, minus per-VM identity: the
         inputs of its state key (vm/statecache.py). ``extra``: fingerprints the caller
-        adds (the hooks that run before the pristine point)."""
-        accel, _ = accel_mod.initial_choice(self.settings.accel, accel_mod.host_state_dir())
+        adds (the hooks that run before the pristine point); ``accel``: the one the VM
+        ran under (default: the one a boot would try first)."""
+        if accel is None:
+            accel, _ = accel_mod.initial_choice(self.settings.accel, accel_mod.host_state_dir())
         placeholder = HostKey(Path("/dev/null"), "ssh-ed25519 STATE")
         files = self._seed_files(
             STATE_IDENTITY, STATE_MAC, request,

@@ -79,14 +79,14 @@ class VMPool:
         self._unsupported: set[str] = set()
         self.resets: list[dict[str, Any]] = []
 
-    def _state_key(self, request: VMRequest, reset: str) -> str | None:
-        """The state key for ``request``, when the state cache applies to it."""
+    def _state_key(self, request: VMRequest, reset: str, accel: str | None = None) -> str | None:
+        """The state key for ``request`` (under ``accel``), when the state cache applies."""
         if (self.states is None or reset not in PRISTINE_MODES or "restore" in self._unsupported
                 or (reset == "internal" and not self.factory.firmware.uefi)):
             return None
         try:
             self.states.store  # noqa: B018 - made here: an unusable store disables the cache
-            return state_key(self.factory.state_parts(request, self.state_inputs))
+            return state_key(self.factory.state_parts(request, self.state_inputs, accel))
         except FlightVMError as exc:
             self.notice(f"flightvm: no state key ({exc}); booting without the state cache")
             return None
@@ -108,8 +108,11 @@ class VMPool:
         self.after_revert(machine)
         return machine
 
-    def _publisher(self, key: str | None, machine: Machine) -> Callable[[Pristine], Pristine | None] | None:
+    def _publisher(self, request: VMRequest, reset: str,
+                   machine: Machine) -> Callable[[Pristine], Pristine | None] | None:
         states = self.states
+        # keyed by the accel the VM really ran under (a KVM probation may have fallen back)
+        key = self._state_key(request, reset, machine.accel)
         if key is None or states is None:
             return None
 
@@ -146,7 +149,7 @@ class VMPool:
                 take_snapshot(machine)
                 self._pristine = "internal"
             else:
-                publish = self._publisher(key, machine)
+                publish = self._publisher(request, reset, machine)
                 self._pristine, seconds = (capture(machine, publish=publish) if publish
                                            else capture(machine))
                 machine.pristine_seconds = seconds

@@ -185,6 +185,32 @@ class StateCache:
                             if k in ("state", "disk", "nvram") and isinstance(v, str))
         return used
 
+    def verify(self) -> list[tuple[str, bool]]:
+        """Re-hash every state's blobs; a state with a bad one is evicted. (key, ok) pairs."""
+        out = []
+        for entry in self.entries():
+            digests = [entry["manifest"]] + [entry[w] for w in ("state", "disk", "nvram")
+                                              if isinstance(entry.get(w), str)]
+            ok = all(self.store.verify(d, full=True) for d in digests)
+            if not ok:
+                self.evict(entry["key"])
+            out.append((entry["key"], ok))
+        return out
+
+    def gc(self, *, dry_run: bool = False) -> list[str]:
+        """Remove blobs no state names (left by a publish that was killed before its ref
+        was written) and temp files of dead writers. Returns the digests removed."""
+        used = self._digests_in_use(exclude="")
+        gone = [e.digest for e in self.store.ls() if e.digest not in used]
+        if not dry_run:
+            with self.store.lock("states-gc"):
+                used = self._digests_in_use(exclude="")
+                gone = [d for d in gone if d not in used]
+                for digest in gone:
+                    self.store.remove(digest)
+                self.store.sweep_tmp()
+        return gone
+
     def entries(self) -> list[dict[str, Any]]:
         """Every state's key, origin, sizes and age, for ``flightvm cache ls``."""
         out = []
