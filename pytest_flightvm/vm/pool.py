@@ -111,9 +111,11 @@ class VMPool:
     def _publisher(self, request: VMRequest, reset: str,
                    machine: Machine) -> Callable[[Pristine], Pristine | None] | None:
         states = self.states
+        if states is None:
+            return None
         # keyed by the accel the VM really ran under (a KVM probation may have fallen back)
         key = self._state_key(request, reset, machine.accel)
-        if key is None or states is None:
+        if key is None:
             return None
 
         def publish(pristine: Pristine) -> Pristine | None:
