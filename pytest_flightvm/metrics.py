@@ -31,6 +31,8 @@ def write_worker_metrics(run: RunContext, image: Any, factory: VMFactory,
             "boot_seconds": m.boot_seconds,  # boot -> ready (booted VMs)
             # request -> ready: a boot's time, or a restore's from a saved state
             "ready_seconds": m.ready_seconds if m.started == "restored" else m.boot_seconds,
+            "restore_phases": {k: round(v, 3) for k, v in m.phases.items()}
+            if m.started == "restored" else None,
             "revert_seconds": list(m.revert_seconds),
             "pristine_seconds": m.pristine_seconds,
             "firmware": m.spec.firmware.name,

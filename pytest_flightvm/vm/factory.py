@@ -379,6 +379,7 @@ class VMFactory:
             xml, _uuid = retarget_xml(header.xml, spec)
             own = Pristine(vm_dir / "pristine.state", saved.pristine.disk, saved.pristine.nvram)
             write_retargeted(saved.pristine.state, own.state, xml, header=header)
+            copied = time.monotonic() - start
             spec.console_log.touch(mode=0o600)
             try:
                 machine.dom = self.conn.defineXML(xml)
@@ -388,6 +389,7 @@ class VMFactory:
             if self.console_out is not None:
                 machine._start_streaming(self.console_out)
             restore_pristine(machine, own, deadline=min(PRISTINE_DEADLINE, machine.boot_timeout))
+            machine.phases["prepare"] = copied  # seed, host key, overlay, state copy
             machine.set_host_ports(request.host_ports if request.host_ports is not None
                                    else self.settings.host_ports)
         except BaseException:

@@ -82,6 +82,7 @@ class Machine:
         # this public key as the login's only one, and the hostname that VM's cloud-init
         # set (rename_from) becomes this VM's name (vm/resume.py).
         self.authorized_key: str | None = None
+        self.phases: dict[str, float] = {}  # seconds of the last restore's steps, for metrics
         self.rename_from: str | None = None
         self._streamer: threading.Thread | None = None
         self._stop_stream = threading.Event()

@@ -52,8 +52,12 @@ def after_resume(machine: Machine, start: float, deadline: float) -> None:
     the run's public key as its login's only authorized key, through the guest agent
     (the saved disk holds the key of the run that saved it), and after SSH is back its
     hostname changes from the saving VM's name to its own."""
+    t0 = time.monotonic()
+    machine.phases["restore"] = t0 - start
     if machine.authorized_key is not None:
         install_key(machine, machine.authorized_key, start, deadline)
+    t1 = time.monotonic()
+    machine.phases["ssh_key"] = t1 - t0
     while True:
         res = machine.ssh.run("cat > /dev/urandom", check=False, timeout=10, connect_timeout=3,
                               stdin=os.urandom(64))
@@ -71,8 +75,11 @@ def after_resume(machine: Machine, start: float, deadline: float) -> None:
         old, new = shlex.quote(machine.rename_from), shlex.quote(machine.name)
         rename = (f" && if [ \"$(hostname)\" = {old} ]; then sudo -n hostname {new} && "
                   f"echo {new} | sudo -n tee /etc/hostname >/dev/null; fi")
+    t2 = time.monotonic()
+    machine.phases["ssh_up"] = t2 - t1
     res = machine.ssh.run(f"sudo -n date -u -s @{time.time():.3f} >/dev/null{rename}",
                           check=False, timeout=15)
+    machine.phases["clock"] = time.monotonic() - t2
     if not res.ok:
         _agent_set_time(machine)
 
