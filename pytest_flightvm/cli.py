@@ -124,8 +124,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         for item in done:
             print(f"{'would remove' if args.dry_run else 'removed'} {item.kind} {item.name}")
         states = _states(settings)
-        for digest in states.gc(dry_run=args.dry_run) if states is not None else ():
-            print(f"{'would remove' if args.dry_run else 'removed'} state blob {digest}")
+        for item in states.gc(dry_run=args.dry_run) if states is not None else ():
+            what = "state" if item.startswith("state/") else "state blob"
+            print(f"{'would remove' if args.dry_run else 'removed'} {what} "
+                  f"{item.removeprefix('state/')}")
         if args.name and not done:
             _err(f"flightvm: no removable flightvm domain named {', '.join(args.name)} "
                  "(owner still running, or no such domain)")

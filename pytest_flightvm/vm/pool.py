@@ -103,6 +103,7 @@ class VMPool:
             self.notice(f"flightvm: the saved state {key[:12]} did not restore ({exc}); "
                         "evicted it, booting instead")
             return None
+        self.states.touch(key)
         self.current, self._key, self._dirty = machine, request.spec_key(), False
         self._pristine = pristine
         self.after_revert(machine)

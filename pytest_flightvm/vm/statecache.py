@@ -39,6 +39,7 @@ from .pristine import Pristine
 STATE_FORMAT = 1
 """Bump when what a state holds, or how it is restored, changes: old states stop matching."""
 
+MAX_AGE = 14 * 86400.0  # `flightvm gc` drops a state neither published nor restored for this long
 LOCK_SECONDS = 600.0  # a publish moves files and hashes ~0.5 GiB: seconds, not minutes
 
 
@@ -197,9 +198,24 @@ class StateCache:
             out.append((entry["key"], ok))
         return out
 
-    def gc(self, *, dry_run: bool = False) -> list[str]:
-        """Remove blobs no state names (left by a publish that was killed before its ref
-        was written) and temp files of dead writers. Returns the digests removed."""
+    def touch(self, key: str) -> None:
+        """Mark the state for ``key`` used now (``gc`` drops states unused for long)."""
+        info = self.store.ref_info(self._ref(key))
+        if info is not None:
+            with contextlib.suppress(OSError, CacheError):
+                self.store.set_ref(self._ref(key), info["digest"], origin=info.get("origin"))
+
+    def gc(self, *, dry_run: bool = False, max_age: float = MAX_AGE) -> list[str]:
+        """Drop states neither published nor restored for ``max_age`` seconds, then blobs
+        no state names (e.g. left by a publish killed before its ref was written) and temp
+        files of dead writers. Returns the keys (``state/<key>``) and digests removed."""
+        removed: list[str] = []
+        for name, info in self.store.refs().items():
+            if name.startswith("state/") and time.time() - float(info.get("updated", 0)) > max_age:
+                removed.append(name)
+                if not dry_run:
+                    with self.store.lock(f"state-{name.removeprefix('state/')}"):
+                        self.evict(name.removeprefix("state/"))
         used = self._digests_in_use(exclude="")
         gone = [e.digest for e in self.store.ls() if e.digest not in used]
         if not dry_run:
@@ -209,7 +225,7 @@ class StateCache:
                 for digest in gone:
                     self.store.remove(digest)
                 self.store.sweep_tmp()
-        return gone
+        return removed + gone
 
     def entries(self) -> list[dict[str, Any]]:
         """Every state's key, origin, sizes and age, for ``flightvm cache ls``."""

@@ -6,7 +6,9 @@ tests/integration/test_state_cache.py; these check the parts that need no libvir
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -208,3 +210,19 @@ def test_verify_and_gc_know_states(tmp_path: Path, capsys: pytest.CaptureFixture
     assert f"removed state blob {orphan_digest}" in out
     assert not cache.store.blob_path(orphan_digest).exists()
     assert kept.state.exists() and kept.disk.exists() and cache.lookup(keep) is not None
+
+
+def test_gc_drops_states_unused_for_long(tmp_path: Path) -> None:
+    cache = StateCache(tmp_path / "cache" / "states", notice=lambda _line: None)
+    old, fresh = "01" * 32, "02" * 32
+    cache.publish(old, _pristine(tmp_path, "one"), {})
+    cache.publish(fresh, _pristine(tmp_path, "two"), {})
+    ref = cache.store.root / "refs" / "state" / old
+    data = json.loads(ref.read_text())
+    ref.write_text(json.dumps({**data, "updated": data["updated"] - 15 * 86400}))
+    assert f"state/{old}" in cache.gc(dry_run=True) and cache.lookup(old) is not None
+    removed = cache.gc()
+    assert f"state/{old}" in removed and cache.lookup(old) is None
+    assert cache.lookup(fresh) is not None and f"state/{fresh}" not in removed
+    cache.touch(fresh)  # a restore keeps it young
+    assert time.time() - float(cache.store.ref_info(f"state/{fresh}")["updated"]) < 60
