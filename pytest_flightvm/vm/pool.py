@@ -84,6 +84,14 @@ class VMPool:
         if (self.states is None or reset not in PRISTINE_MODES or "restore" in self._unsupported
                 or (reset == "internal" and not self.factory.firmware.uefi)):
             return None
+        if self.factory.settings.tpm:
+            # QEMU's stream holds swtpm's whole state: every VM restored from one state would
+            # share the saving VM's TPM identity (endorsement key, seeds) and its RNG state.
+            if "tpm" not in self._unsupported:
+                self._unsupported.add("tpm")
+                self.notice("flightvm: the state cache is not used with --flightvm-tpm (a "
+                            "restored state would clone the saving VM's TPM identity); booting")
+            return None
         try:
             self.states.store  # noqa: B018 - made here: an unusable store disables the cache
             return state_key(self.factory.state_parts(request, self.state_inputs, accel))

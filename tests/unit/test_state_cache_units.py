@@ -226,3 +226,20 @@ def test_gc_drops_states_unused_for_long(tmp_path: Path) -> None:
     assert cache.lookup(fresh) is not None and f"state/{fresh}" not in removed
     cache.touch(fresh)  # a restore keeps it young
     assert time.time() - float(cache.store.ref_info(f"state/{fresh}")["updated"]) < 60
+
+
+def test_no_state_cache_for_tpm_vms(tmp_path: Path) -> None:
+    """A state restored into another VM would clone its TPM: TPM VMs boot, one notice."""
+    from pytest_flightvm.vm.pool import VMPool
+
+    notices: list[str] = []
+    factory = _factory(tmp_path, tpm=True)
+    pool = VMPool(factory, notice=notices.append,
+                  states=StateCache(tmp_path / "cache" / "states", notice=notices.append))
+    assert pool._state_key(VMRequest(), "snapshot") is None  # noqa: SLF001
+    assert pool._state_key(VMRequest(), "restore") is None  # noqa: SLF001
+    assert len(notices) == 1 and "TPM" in notices[0]
+    plain = VMPool(_factory(tmp_path / "p"), notice=notices.append,
+                   states=StateCache(tmp_path / "p" / "cache" / "states", notice=notices.append))
+    assert plain._state_key(VMRequest(), "snapshot") is not None  # noqa: SLF001
+    assert plain._state_key(VMRequest(), "reboot") is None  # noqa: SLF001
