@@ -83,6 +83,8 @@ class Machine:
         # set (rename_from) becomes this VM's name (vm/resume.py).
         self.authorized_key: str | None = None
         self.phases: dict[str, float] = {}  # seconds of the last restore's steps, for metrics
+        # where its pristine point lives (vm/pristine.py): the VM dir, or the state store
+        self.pristine: Any = None
         self.rename_from: str | None = None
         self._streamer: threading.Thread | None = None
         self._stop_stream = threading.Event()

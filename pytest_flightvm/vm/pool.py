@@ -113,7 +113,7 @@ class VMPool:
             return None
         self.states.touch(key)
         self.current, self._key, self._dirty = machine, request.spec_key(), False
-        self._pristine = pristine
+        self._pristine = machine.pristine = pristine
         self.after_revert(machine)
         return machine
 
@@ -163,6 +163,7 @@ class VMPool:
                 publish = self._publisher(request, reset, machine)
                 self._pristine, seconds = (capture(machine, publish=publish) if publish
                                            else capture(machine))
+                machine.pristine = self._pristine
                 machine.pristine_seconds = seconds
         except FlightVMError as exc:
             self._unsupported.add(how)
