@@ -3,10 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 REGISTRY ?= 127.0.0.1:5000/flightvm/base
 
-.PHONY: host registry-prune demo test unit integration faults lint type bench clean-venv
+.PHONY: host venv registry-prune demo test unit integration faults lint type bench clean-venv
 
 host:
 	@./scripts/host-setup.sh
+
+# Only the virtualenv: no root, no packages, no daemons (the fast tier and the linters
+# need nothing more; libvirt-python builds against libvirt-dev, which `make host` installs).
+venv:
+	@./scripts/venv-setup.sh
 
 # Restart the local registry now, dropping what test/bench/demo runs pushed (make host
 # also does this whenever it has to start the registry).
@@ -22,7 +27,7 @@ test: host
 	$(PY) -m pytest tests/unit tests/integration -p no:cacheprovider -n 2 -v -rs
 	$(PY) -m pytest tests/faults -p no:cacheprovider -v -rs
 
-unit: host
+unit: venv
 	$(PY) -m pytest tests/unit -q -n 2 -p no:cacheprovider
 
 integration: host
@@ -31,10 +36,10 @@ integration: host
 faults: host
 	$(PY) -m pytest tests/faults -v -rs -p no:cacheprovider
 
-lint: host
+lint: venv
 	$(VENV)/bin/ruff check pytest_flightvm tests examples bench scripts
 
-type: host
+type: venv
 	$(VENV)/bin/mypy pytest_flightvm
 
 bench: host

@@ -146,7 +146,7 @@ PODMAN_FILE = "FROM scratch\nCOPY disk.qcow2 /qcow2/disk.qcow2\n"
 
 
 class Podman:
-    """podman with its own vfs storage under the bench dir (HOST-NOTES: vfs here)."""
+    """podman with its own vfs storage under the bench dir (docs/HOST.md: vfs here)."""
 
     def __init__(self, ctx: Ctx) -> None:
         self.root = ctx.work / "podman"

@@ -84,7 +84,7 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
     if p5 is not None:
         boot = p5.data["fixture_ready_s"]["median"]
         hand, tests = meta["reps"]["hand_boots"], meta["reps"]["reset_tests"]
-        out[-1] += (f" A VM boot took a median of {boot:.0f} s in this run (HOST-NOTES measured "
+        out[-1] += (f" A VM boot took a median of {boot:.0f} s in this run (docs/HOST.md measured "
                     f"about 50 s on an idle machine); the {hand + 5 + tests} boots of P5+P6 "
                     f"({hand} hand-run, 1 for each of the 5 pristine-point suites, {tests} for "
                     "the reboot suite) "
@@ -156,7 +156,7 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         f"/proc/loadavg at end:   {meta['loadavg_end']}",
         "```",
         "",
-        "Accel: TCG (KVM is present but cannot run guests on this host; see HOST-NOTES).",
+        "Accel: TCG (KVM is present but cannot run guests on this host; see docs/HOST.md).",
         "",
         "## Reproduce",
         "",

@@ -22,7 +22,7 @@ URI = "qemu:///system"
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", "-o", "LogLevel=ERROR"]
 
-# The same devices the plugin gives a guest (HOST-NOTES): q35, TCG, the plugin's default
+# The same devices the plugin gives a guest (docs/HOST.md): q35, TCG, the plugin's default
 # vCPU count, virtio disk on an
 # overlay, seed on a virtio-scsi cdrom, serial console to a file, user-mode NIC with an
 # ssh forward on 127.0.0.1, QEMU as root through a static DAC label.

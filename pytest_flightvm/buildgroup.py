@@ -1,19 +1,23 @@
-"""A builder's process group, noted beside its temp output so a later sweep can stop it.
+"""A builder's process group: started, noted beside its temp output, and stopped.
 
 The built-in Debian builder and a ``--flightvm-build-cmd`` both run in a process
-group of their own. If the process that started one is killed (-9) mid-build, the
-note lets the next sweep of the store's temp dir stop the orphaned group.
+group of their own (:func:`run_group`). If the process that started one is killed
+(-9) mid-build, the note lets the next sweep of the store's temp dir stop the
+orphaned group.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from .errors import BuildError
 from .procs import process_is_zombie, process_start
 
 GROUP_SUFFIX = ".pgid"
@@ -53,3 +57,66 @@ def stop_orphaned_group(note: Path, grace: float = 10.0) -> bool:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)  # it ignored SIGTERM (or its trap hung)
     return True
+
+
+def run_group(
+    argv: Sequence[str],
+    output: Path,
+    *,
+    env: Mapping[str, str],
+    on_line: Callable[[str], None],
+    what: str,
+    cwd: Path | None = None,
+    grace: float = 0.0,
+    tail_lines: int = 20,
+) -> tuple[int, list[str]]:
+    """Run a builder in its own process group, noted beside ``output``; return its exit
+    code and last output lines. Each output line (stdout and stderr) goes to ``on_line``,
+    which may raise to stop the build. On any exception the group is stopped: SIGTERM
+    and ``grace`` seconds for its own clean-up, then SIGKILL."""
+    try:
+        proc = subprocess.Popen(
+            list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,  # so an interrupt can signal the whole tree
+        )
+    except OSError as exc:
+        raise BuildError(f"cannot run {what}: {exc.strerror}") from None
+    record_group(output, proc)
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    assert proc.stdout is not None
+    try:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                tail.append(line)
+            on_line(line)
+        proc.wait()
+    except BaseException:
+        stop_group(proc, grace)
+        raise
+    finally:
+        proc.stdout.close()
+    return proc.returncode, list(tail)
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 0.0) -> None:
+    """Stop ``proc``'s process group: SIGTERM and up to ``grace`` seconds (none: straight
+    to SIGKILL), then SIGKILL; reaps ``proc``."""
+    if proc.poll() is not None:
+        return
+    if grace > 0:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.wait()

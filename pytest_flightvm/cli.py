@@ -68,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     seed = verbs.add_parser("seed", help="cloud-init seed ISOs")
     sverbs = seed.add_subparsers(dest="seed_verb", required=True, parser_class=_Parser)
     render = sverbs.add_parser("render", help="write a NoCloud ISO")
-    src = render.add_mutually_exclusive_group(required=True)
-    src.add_argument("--user-data", type=Path, help="YAML merged over the defaults")
-    src.add_argument("--vm-config", type=Path, help="flightctl VM config dir")
-    src.add_argument("--cloud-init-dir", type=Path, help="a prepared NoCloud dir, packed as-is")
+    render.add_argument("--user-data", type=Path, help="YAML merged over the defaults")
+    render.add_argument("--vm-config", type=Path, help="flightctl VM config dir")
+    render.add_argument("--cloud-init-dir", type=Path,
+                        help="a prepared NoCloud dir, merged as the plugin merges it")
     render.add_argument("--instance-id", default=None)
     render.add_argument("--ssh-key", type=Path, help="public key for the default user")
     render.add_argument("--mac", default="52:54:00:00:00:01", help="MAC the network-config matches")
@@ -231,44 +231,61 @@ def _cache(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _seed_render(args: argparse.Namespace) -> int:
+    """The seed the plugin would give a VM: defaults, a cloud-init dir merged the same way
+    (``merge_cloud_init_dir``), then --user-data and the flightctl fragment and payload."""
     import uuid
 
     from .seed.iso import write_iso
-    from .seed.render import SeedSpec, load_cloud_init_dir, load_user_data, render
+    from .seed.render import (
+        SeedSpec,
+        check_cloud_init_dir,
+        load_cloud_init_dir,
+        load_user_data,
+        merge_cloud_init_dir,
+        render,
+    )
 
-    payload: dict[str, bytes] = {}
+    if not (args.user_data or args.vm_config or args.cloud_init_dir):
+        raise ConfigError("seed render needs --user-data FILE, --vm-config DIR or "
+                          "--cloud-init-dir DIR (any of them together)")
+    given = None
     if args.cloud_init_dir:
-        files = load_cloud_init_dir(args.cloud_init_dir)
+        check_cloud_init_dir(args.cloud_init_dir)  # before a key is generated next to -o
+        given = load_cloud_init_dir(args.cloud_init_dir)
+    payload: dict[str, bytes] = {}
+    overrides: list[dict[str, Any]] = []
+    if args.user_data:
+        overrides.append(load_user_data(args.user_data))
+    if args.vm_config:
+        from . import flightctl
+
+        fragment, payload = flightctl.flightctl_seed(flightctl.load_vm_config(args.vm_config))
+        overrides.append(fragment)
+    if args.ssh_key:
+        try:
+            key = args.ssh_key.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --ssh-key {args.ssh_key}: {exc.strerror}") from None
     else:
-        overrides: list[dict[str, Any]] = []
-        if args.user_data:
-            overrides.append(load_user_data(args.user_data))
-        if args.vm_config:
-            from . import flightctl
+        from .vm.ssh import generate_keypair
 
-            fragment, payload = flightctl.flightctl_seed(flightctl.load_vm_config(args.vm_config))
-            overrides.append(fragment)
-        if args.ssh_key:
-            try:
-                key = args.ssh_key.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"cannot read --ssh-key {args.ssh_key}: {exc.strerror}") from None
-        else:
-            from .vm.ssh import generate_keypair
-
-            # never reuse a key found there (someone may have planted it): a new one or none
-            private, key = generate_keypair(args.output.parent, args.output.name + ".id_ed25519",
-                                            reuse=False)
-            _err(f"flightvm: no --ssh-key given; generated {private} (0600) for user flightvm")
-        instance = args.instance_id or f"flightvm-{uuid.uuid4().hex[:12]}"
-        files = render(SeedSpec(instance_id=instance, hostname=instance[:63],
-                                mac=args.mac, ssh_public_key=key,
-                                user_data=tuple(overrides)))
+        # never reuse a key found there (someone may have planted it): a new one or none
+        private, key = generate_keypair(args.output.parent, args.output.name + ".id_ed25519",
+                                        reuse=False)
+        _err(f"flightvm: no --ssh-key given; generated {private} (0600) for user flightvm")
+    instance = args.instance_id or f"flightvm-{uuid.uuid4().hex[:12]}"
+    spec = SeedSpec(instance_id=instance, hostname=instance[:63], mac=args.mac,
+                    ssh_public_key=key, user_data=tuple(overrides))
+    if given is not None:
+        files, warnings = merge_cloud_init_dir(given, spec, payload, source=args.cloud_init_dir)
+        for line in warnings:
+            _err(f"flightvm: {line}")
+    else:
+        files = render(spec)
         files.update(payload)
     out = write_iso(files, args.output)
     print(out)
     return 0
-
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent host setup for pytest-flightvm (Debian 12, no systemd).
-#   - installs the Debian packages from HOST-NOTES
+#   - installs the Debian packages from docs/HOST.md
 #   - starts virtlogd and libvirtd when they are not running
 #   - starts a local CNCF registry on 127.0.0.1:5000 when none answers there, first
 #     pruning what earlier test/bench/demo runs pushed to it
@@ -42,7 +42,7 @@ fi
 # 2a. /dev/kvm as udev would leave it (root:kvm 0660). Without udev it is root-only 0600;
 # libvirt then probes QEMU as root (KVM usable) but validates as libvirt-qemu (KVM not
 # usable), discards its capability cache on every domain define and re-probes QEMU:
-# ~90 s per VM start under TCG. Guests still run under TCG here (see HOST-NOTES).
+# ~90 s per VM start under TCG. Guests still run under TCG here (see docs/HOST.md).
 if [ -e /dev/kvm ] && [ "$(id -u)" -eq 0 ] && getent group kvm >/dev/null; then
   if [ "$(stat -c '%G %a' /dev/kvm)" = "kvm 660" ]; then say "/dev/kvm: already root:kvm 0660"
   else chgrp kvm /dev/kvm && chmod 0660 /dev/kvm; say "/dev/kvm: set root:kvm 0660 (as udev would)"; fi
@@ -121,15 +121,5 @@ YML
   say "registry: started on $REGISTRY_ADDR (data in $REGISTRY_DIR, pid $(cat "$REGISTRY_DIR/registry.pid"))"
 fi
 
-# 4. virtualenv with the project installed editable
-stamp="$VENV/.flightvm-installed"
-if [ ! -x "$VENV/bin/python" ]; then "$PYTHON" -m venv "$VENV"; say "venv: created $VENV"; fi
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  "$VENV/bin/pip" install -q --upgrade pip >"$VENV/install.log" 2>&1
-  "$VENV/bin/pip" install -q -e '.[test]' >>"$VENV/install.log" 2>&1 \
-    || { say "venv: pip install failed, see $VENV/install.log"; tail -5 "$VENV/install.log"; exit 1; }
-  touch "$stamp"
-  say "venv: installed pytest-flightvm (editable, test extras)"
-else
-  say "venv: pytest-flightvm already installed"
-fi
+# 4. virtualenv with the project installed editable (needs no root: scripts/venv-setup.sh)
+VENV="$VENV" PYTHON="$PYTHON" ./scripts/venv-setup.sh

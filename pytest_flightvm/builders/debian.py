@@ -15,17 +15,14 @@ same build from a shell, e.g. as a ``--flightvm-build-cmd``.
 from __future__ import annotations
 
 import argparse
-import collections
 import hashlib
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..buildgroup import record_group
+from ..buildgroup import run_group
 from ..errors import BuildError, ConfigError, FlightVMError, ToolMissingError
 
 Log = Callable[[str], None]
@@ -136,39 +133,22 @@ class DebianBuilder:
         if not output.parent.is_dir():
             raise ConfigError(f"cannot build into {output}: {output.parent} is not a directory")
         env = dict(os.environ, PATH=_search_path())
-        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        try:
-            proc = subprocess.Popen(
-                ["bash", str(self.script), "--variant", self.variant, str(output)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,  # the script sends everything to stderr
-                env=env,
-                start_new_session=True,  # so an interrupt can signal the whole tree
-            )
-        except OSError as exc:
-            raise BuildError(f"cannot run {self.script}: {exc.strerror}") from None
-        record_group(output, proc)
-        assert proc.stdout is not None
-        try:
-            for raw in proc.stdout:
-                line = raw.decode(errors="replace").rstrip()
-                if line:
-                    tail.append(line)
-                    # Our own step lines are progress; tool chatter (mmdebstrap, apt,
-                    # grub) only matters when the build fails, via ``tail``.
-                    if line.startswith("build:"):
-                        log(line)
-            proc.wait()
-        except BaseException:
-            _stop(proc)
-            raise
-        finally:
-            proc.stdout.close()
-        if proc.returncode != 0:
+
+        def on_line(line: str) -> None:
+            # Our own step lines are progress; tool chatter (mmdebstrap, apt, grub)
+            # only matters when the build fails, via the tail.
+            if line.startswith("build:"):
+                log(line)
+
+        # the script sends everything to stderr; SIGTERM first: its trap unmounts and
+        # detaches loops
+        code, tail = run_group(["bash", str(self.script), "--variant", self.variant, str(output)],
+                               output, env=env, on_line=on_line, what=str(self.script),
+                               grace=TERM_GRACE_S, tail_lines=TAIL_LINES)
+        if code != 0:
             raise BuildError(
-                f"building the Debian base image failed (exit {proc.returncode}): "
-                + _headline(list(tail))[:400],
+                f"building the Debian base image failed (exit {code}): "
+                + _headline(tail)[:400],
                 detail="\n".join(tail),
             )
         if not output.is_file():
@@ -194,25 +174,6 @@ def _headline(tail: list[str]) -> str:
     if apt:
         return apt[0]
     return last
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the build's process group (its trap unmounts and detaches loops),
-    then SIGKILL if it does not finish in time."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        proc.terminate()
-    try:
-        proc.wait(timeout=TERM_GRACE_S)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            proc.kill()
-        proc.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

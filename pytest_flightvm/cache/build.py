@@ -8,16 +8,13 @@ the signature has it.
 
 from __future__ import annotations
 
-import collections
 import os
-import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..buildgroup import record_group
+from ..buildgroup import run_group
 from ..errors import BuildError, ConfigError
 from .qcow2 import check_qcow2
 
@@ -55,48 +52,27 @@ class CommandBuilder:
         env = dict(os.environ, FLIGHTVM_OUTPUT=str(output))
         if key:
             env["FLIGHTVM_KEY"] = key
-        tail: collections.deque[str] = collections.deque(maxlen=20)
         start = last = time.monotonic()
-        try:
-            proc = subprocess.Popen(
-                ["sh", "-c", self.cmd], cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        except OSError as exc:
-            raise BuildError(f"cannot run the build command: {exc.strerror}") from None
-        record_group(output, proc)
-        assert proc.stdout is not None
-        try:
-            for raw in proc.stdout:
-                line = raw.decode(errors="replace").rstrip()
-                if line:
-                    tail.append(line)
-                now = time.monotonic()
-                if now - last >= 2.0 and line:
-                    last = now
-                    log(f"building base image ({now - start:.0f} s): {line[:160]}")
-                if self.timeout and now - start > self.timeout:
-                    raise BuildError(f"the build command ran over {self.timeout:g} s; stopped it")
-            proc.wait()
-        except BaseException:
-            _kill_group(proc)
-            raise
-        if proc.returncode != 0:
+
+        def on_line(line: str) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= 2.0 and line:
+                last = now
+                log(f"building base image ({now - start:.0f} s): {line[:160]}")
+            if self.timeout and now - start > self.timeout:
+                raise BuildError(f"the build command ran over {self.timeout:g} s; stopped it")
+
+        code, tail = run_group(["sh", "-c", self.cmd], output, env=env, on_line=on_line,
+                               what="the build command", cwd=self.cwd)
+        if code != 0:
             raise BuildError(
-                f"the build command exited {proc.returncode}"
+                f"the build command exited {code}"
                 + (f" ({tail[-1][:200]})" if tail else "")
                 + f": {self.cmd}",
                 detail="\n".join(tail),
             )
         check_qcow2(output, "the build command")
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        proc.kill()
-    proc.wait()
 
 
 def default_builder() -> Builder:

@@ -1,12 +1,15 @@
 """The one check that a disk image is a qcow2 we may use as a base.
 
-Every image passes the magic check. An image from a registry (untrusted: QEMU
-runs it as root, with overlays chained onto it) must also be a *plain* qcow2:
+Every image passes the magic check. An image from a registry, a pinned local file
+(``--flightvm-image PATH``: it may come from anywhere) and a file pushed or imported
+by the CLI (every puller would refuse it otherwise) must also be a *plain* qcow2
+(QEMU runs it as root, with overlays chained onto it):
 its header (read here, before any tool opens it) names no backing file, no
 external data file and no encryption, and its virtual size is sane; then
 ``qemu-img info --output=json -f qcow2`` must agree. Without this, a qcow2
 whose header names ``/etc/shadow`` as its backing file would hand that file's
-bytes to every guest booted on it.
+bytes to every guest booted on it. A build's output gets the magic check only: the
+build command is the user's own code, already running with their rights.
 """
 
 from __future__ import annotations

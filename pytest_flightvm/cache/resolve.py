@@ -323,7 +323,7 @@ def _pinned_path(
             digest = str(info["digest"])
         else:
             try:
-                check_qcow2(path, f"--flightvm-image {path}")
+                check_qcow2(path, f"--flightvm-image {path}", plain=True)
             except BuildError as exc:
                 raise ConfigError(str(exc)) from None
             digest = store.import_file(path)
@@ -404,7 +404,7 @@ def push_file(
     if registry is None:
         raise ConfigError("no registry configured; set --registry or FLIGHTVM_REGISTRY")
     try:
-        check_qcow2(Path(path), str(path))
+        check_qcow2(Path(path), str(path), plain=True)
     except BuildError as exc:
         raise ConfigError(str(exc)) from None
     tags = list(tags) or [f"{settings.tag_prefix}-latest"]
@@ -430,7 +430,7 @@ def cache_image(
     tags = tuple(tags_for(settings.tag_prefix, key, settings.arch, settings.rootdir))
     if file is not None:
         try:
-            check_qcow2(Path(file), str(file))
+            check_qcow2(Path(file), str(file), plain=True)
         except BuildError as exc:
             raise ConfigError(str(exc)) from None
         with _locked(store, f"key-{key.digest}", log, f"base image {key.short}"):

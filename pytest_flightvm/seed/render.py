@@ -3,7 +3,7 @@
 Everything here is pure and deterministic: equal inputs give byte-identical
 files (mapping keys are sorted, lists keep their order, one YAML dumper).
 
-The guest facts this relies on (see HOST-NOTES): Debian's ifupdown renderer
+The guest facts this relies on (see docs/HOST.md): Debian's ifupdown renderer
 only brings the NIC up with a v2 network-config that matches the MAC address,
 renames it ``eth0`` and asks for DHCPv4.
 """

@@ -1,7 +1,7 @@
 """Choosing KVM or TCG, and remembering what worked on this host.
 
 On some hosts ``/dev/kvm`` exists and KVM_CREATE_VM succeeds, yet no guest
-makes progress (HOST-NOTES: QEMU aborts on an MSR, the guest pauses with a
+makes progress (docs/HOST.md: QEMU aborts on an MSR, the guest pauses with a
 KVM internal error, or it spins silently). libvirt's capabilities still list
 ``kvm``, so they prove nothing. ``auto`` therefore trusts only a verdict from
 a real guest: the first boot under ``auto`` tries KVM with a short progress

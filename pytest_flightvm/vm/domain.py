@@ -1,6 +1,6 @@
 """libvirt domain XML for a flightvm guest, and the metadata the reaper reads.
 
-Choices that HOST-NOTES measured on this kind of host:
+Choices that docs/HOST.md measured on this kind of host:
 - the seed ISO sits on a virtio-scsi cdrom (Debian's cloud kernel has no AHCI);
 - networking is QEMU user-mode (closed with ``restrict=on`` unless the suite opts
   into outbound access) with an SSH forward bound to 127.0.0.1, passed
@@ -69,7 +69,7 @@ def netdev_arg(ssh_port: int, *, outbound: bool) -> str:
 
     Closed unless ``outbound``: ``restrict=on`` keeps DHCP and the hostfwd working and
     drops every packet the guest sends elsewhere, so the host's 127.0.0.1 services
-    (slirp maps them to 10.0.2.2) and the outside world are unreachable (HOST-NOTES,
+    (slirp maps them to 10.0.2.2) and the outside world are unreachable (docs/HOST.md,
     "Closing the guest network").
     """
     restrict = "" if outbound else ",restrict=on"

@@ -15,6 +15,7 @@ from pytest_flightvm.cache import resolve_image
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.config import Settings
 from pytest_flightvm.errors import BuildError, ConfigError
+from tests.fake_disk import write_fake_qcow2
 
 
 def build_cmd(counter: Path, size_kib: int = 256) -> str:
@@ -69,7 +70,9 @@ def test_rebuild_builds_once_per_run(settings: Settings, tmp_path: Path) -> None
 
 def test_damaged_local_blob_is_replaced(settings: Settings, tmp_path: Path) -> None:
     first = resolve_image(settings, log=lambda m: None)
+    os.chmod(first.path, 0o644)  # 0444 in the store: only root could damage it without this
     os.truncate(first.path, 100)
+    os.chmod(first.path, 0o444)
     msgs: list[str] = []
     second = resolve_image(settings, log=msgs.append)
     assert second.source == "build" and builds(tmp_path) == 2
@@ -155,8 +158,7 @@ def test_parallel_processes_build_once(settings: Settings, tmp_path: Path) -> No
 
 
 def test_pinned_local_path_is_imported_read_only(settings: Settings, tmp_path: Path) -> None:
-    src = tmp_path / "mine.qcow2"
-    src.write_bytes(b"QFI\xfb" + os.urandom(4096))
+    src = write_fake_qcow2(tmp_path / "mine.qcow2", 8192, os.urandom(8))
     pinned = settings.replace(image=str(src), build_cmd="exit 1")
     a = resolve_image(pinned, log=lambda m: None)
     assert a.source == "local" and a.key == "" and builds(tmp_path) == 0
@@ -164,16 +166,30 @@ def test_pinned_local_path_is_imported_read_only(settings: Settings, tmp_path: P
     assert oct(a.path.stat().st_mode & 0o777) == "0o444"
     ino = a.path.stat().st_ino
     assert resolve_image(pinned, log=lambda m: None).path.stat().st_ino == ino
-    src.write_bytes(b"QFI\xfb" + os.urandom(4096))
+    write_fake_qcow2(src, 8192, os.urandom(8))
     b = resolve_image(pinned, log=lambda m: None)
     assert b.digest != a.digest and b.path.read_bytes() == src.read_bytes()
 
 
 def test_pinned_relative_path(settings: Settings, tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "base.qcow2").write_bytes(b"QFI\xfb1234")
+    base = write_fake_qcow2(tmp_path / "img" / "base.qcow2", 4096, b"rel")
     image = resolve_image(settings.replace(image="img/base.qcow2"), log=lambda m: None)
-    assert image.path.read_bytes() == b"QFI\xfb1234"
+    assert image.path.read_bytes() == base.read_bytes()
+
+
+def test_pinned_file_naming_a_backing_file_is_refused(settings: Settings, tmp_path: Path) -> None:
+    # a downloaded image whose header points QEMU (running as root) at a host file
+    src = write_fake_qcow2(tmp_path / "evil.qcow2", 4096, b"evil")
+    data = bytearray(src.read_bytes())
+    name = b"/etc/shadow"
+    data[8:16] = (1024).to_bytes(8, "big")  # backing file offset
+    data[16:20] = len(name).to_bytes(4, "big")  # and size
+    data[1024:1024 + len(name)] = name
+    src.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="backing file.*qemu-img convert"):
+        resolve_image(settings.replace(image=str(src)), log=lambda m: None)
+    assert not list((settings.store_dir / "blobs" / "sha256").glob("*"))
 
 
 @pytest.mark.parametrize("image,match", [

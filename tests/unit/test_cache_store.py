@@ -135,20 +135,20 @@ def test_corruption_is_detected_and_the_blob_removed(store: Store, tmp_path: Pat
     digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
     blob = store.blob_path(digest)
     st = blob.stat()
+    os.chmod(blob, 0o644)  # the blob is 0444: only root could damage it without this
     if damage == "truncate":
         os.truncate(blob, st.st_size // 2)
     elif damage == "append":
         with open(blob, "ab") as f:
             f.write(b"junk")
     else:  # same size, mtime put back: only ctime betrays it
-        os.chmod(blob, 0o644)
         with open(blob, "r+b") as f:
             f.seek(1000)
             b = f.read(1)
             f.seek(1000)
             f.write(bytes([b[0] ^ 0xFF]))
-        os.chmod(blob, 0o444)
         os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.chmod(blob, 0o444)
     assert not store.has(digest)
     assert not blob.exists()
     assert not store._meta_path(digest).exists()

@@ -81,13 +81,55 @@ def test_seed_render_cloud_init_dir_with_bad_yaml_exit_2(tmp_path: Path) -> None
     assert not (tmp_path / "s.iso").exists()
 
 
-def test_seed_render_cloud_init_dir_script_user_data_is_packed_as_is(tmp_path: Path) -> None:
+def test_seed_render_cloud_init_dir_is_merged_like_the_plugin_does(tmp_path: Path) -> None:
+    import pycdlib
+    import yaml
+
+    ci = tmp_path / "ci"
+    ci.mkdir()
+    (ci / "user-data").write_text("#cloud-config\nruncmd: [echo theirs]\n"
+                                  "users: [{name: flightvm, shell: /bin/false}]\n")
+    (ci / "meta-data").write_text("instance-id: fixed\nlocal-hostname: box\n")
+    (ci / "extra.txt").write_text("rides along\n")
+    ud = tmp_path / "ud.yaml"
+    ud.write_text("runcmd: [echo ours]\n")
+    out = tmp_path / "s.iso"
+    proc = run("seed", "render", "--cloud-init-dir", str(ci), "--user-data", str(ud),
+               "--instance-id", "i-9", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "instance-id 'fixed' is ignored" in proc.stderr
+    assert "users entry 'flightvm' is replaced" in proc.stderr
+    iso = pycdlib.PyCdlib()
+    iso.open(str(out))
+    try:
+        def read(name: str) -> str:
+            import io
+
+            buf = io.BytesIO()
+            iso.get_file_from_iso_fp(buf, joliet_path="/" + name)
+            return buf.getvalue().decode()
+
+        data = yaml.safe_load(read("user-data"))
+        meta = yaml.safe_load(read("meta-data"))
+        extra = read("extra.txt")
+    finally:
+        iso.close()
+    assert data["runcmd"] == ["echo theirs", "echo ours"]
+    assert [u["name"] for u in data["users"] if isinstance(u, dict)] == ["flightvm"]
+    assert data["users"][0].get("shell") != "/bin/false"  # ours, with the key
+    assert meta == {"instance-id": "i-9", "local-hostname": "box"}
+    assert extra == "rides along\n"
+
+
+def test_seed_render_cloud_init_dir_script_user_data_exit_2(tmp_path: Path) -> None:
     ci = tmp_path / "ci"
     ci.mkdir()
     (ci / "user-data").write_text("#!/bin/sh\necho [not yaml\n")
     (ci / "meta-data").write_text("instance-id: i-1\n")
     proc = run("seed", "render", "--cloud-init-dir", str(ci), "-o", str(tmp_path / "s.iso"))
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 2 and "#cloud-config" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [ci]  # no ISO, no generated key
 
 
 def test_cache_dir_under_a_file_exit_2(tmp_path: Path) -> None:
