@@ -160,6 +160,11 @@ SUITES: dict[str, tuple[str, ...]] = {
 FIRMWARE_ROWS = ("restore", "uefi-secure", "uefi-secure+tpm")  # P6 rows; restore = bios
 
 
+# P5/P6 price boots and per-test resets; the state cache (priced by P8) would restore the
+# first VM of a suite from a state an earlier bench run left in the warm cache dir.
+NO_STATE_CACHE = "--flightvm-state-cache=off"
+
+
 def reset_suite(ctx: Ctx, label: str) -> dict[str, Any]:
     """Run the 'dirty the guest' suite with SUITES[label]; return its figures."""
     suite = ctx.scratch(f"reset-{label}")
@@ -170,7 +175,8 @@ def reset_suite(ctx: Ctx, label: str) -> dict[str, Any]:
     env = {"FLIGHTVM_BENCH_RECORD": str(record), "FLIGHTVM_BENCH_TESTS": str(ctx.reset_tests)}
     log(f"P6: {ctx.reset_tests} tests with {' '.join(SUITES[label])}")
     res = run_child([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                     *ctx.plugin_args(), *SUITES[label], f"--flightvm-metrics={metrics}"],
+                     *ctx.plugin_args(), NO_STATE_CACHE, *SUITES[label],
+                     f"--flightvm-metrics={metrics}"],
                     cwd=suite, env=env, check=False, timeout=3600)
     try:
         rows = [json.loads(line) for line in record.read_text().splitlines()]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,11 @@ def _dispatch(args: argparse.Namespace) -> int:
                                 for n in args.name), log=_err)
         for item in done:
             print(f"{'would remove' if args.dry_run else 'removed'} {item.kind} {item.name}")
+        states = _states(settings)
+        for item in states.gc(dry_run=args.dry_run) if states is not None else ():
+            what = "state" if item.startswith("state/") else "state blob"
+            print(f"{'would remove' if args.dry_run else 'removed'} {what} "
+                  f"{item.removeprefix('state/')}")
         if args.name and not done:
             _err(f"flightvm: no removable flightvm domain named {', '.join(args.name)} "
                  "(owner still running, or no such domain)")
@@ -174,6 +180,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_doctor(settings, out=sys.stdout)
     raise ConfigError(f"unknown verb {args.verb}")  # pragma: no cover
+
+
+def _states(settings: Settings) -> Any:
+    """The booted-state store, when this cache dir has one."""
+    if not settings.states_dir.is_dir():
+        return None
+    from .vm.statecache import StateCache
+
+    return StateCache(settings.states_dir, notice=_err)
 
 
 def _cache(args: argparse.Namespace, settings: Settings) -> int:
@@ -226,6 +241,15 @@ def _cache(args: argparse.Namespace, settings: Settings) -> int:
                 parts = (store.ref_info(ref) or {}).get("parts")
                 if parts:
                     print(f"{'':<32}{ref[:16]}… made from: {json.dumps(parts, sort_keys=True)}")
+        states = _states(settings)
+        if states is not None:
+            print(f"\nbooted states ({settings.states_dir}):")
+            print(f"{'KEY':<14} {'STATE MiB':>9} {'DISK MiB':>9} {'AGE h':>6}  SAVED FROM")
+            for st in states.entries():
+                sizes = st.get("sizes") or {}
+                age = (time.time() - st["created"]) / 3600 if st.get("created") else 0.0
+                print(f"{st['key'][:12]:<14} {sizes.get('state', 0) / 2**20:>9.1f} "
+                      f"{sizes.get('disk', 0) / 2**20:>9.1f} {age:>6.1f}  {st.get('origin')}")
         if tags is not None:
             print(f"\nregistry {settings.registry} tags:")
             for t in tags:
@@ -240,6 +264,10 @@ def _cache(args: argparse.Namespace, settings: Settings) -> int:
             ok = store.verify(e.digest, full=True)
             bad += not ok
             print(f"{'ok ' if ok else 'BAD'} {e.digest}")
+        states = _states(settings)
+        for key, ok in states.verify() if states is not None else ():
+            bad += not ok
+            print(f"{'ok ' if ok else 'BAD'} state {key}{'' if ok else ' (evicted)'}")
         return 1 if bad else 0
     raise ConfigError(f"unknown cache verb {verb}")  # pragma: no cover
 

@@ -28,6 +28,7 @@ KEEPS = ("never", "on-failure", "always")
 RESETS = ("snapshot", "restore", "internal", "reboot", "none")
 FIRMWARES = ("bios", "uefi", "uefi-secure", "uefi-secure-unenrolled")
 COMPRESSIONS = ("auto", "none", "zstd")
+STATE_CACHES = ("on", "off")
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
 
@@ -121,6 +122,11 @@ OPTIONS: tuple[Option, ...] = (
            "internal (internal qcow2 snapshot, BIOS only), reboot or none",
            "--flightvm-reset", "flightvm_reset", ("FLIGHTVM_RESET",), kind="choice", choices=RESETS,
            default="snapshot"),
+    Option("state_cache", "restore a pooled VM from a saved booted state (same base, seed, "
+           "hardware) instead of booting it: on or off",
+           "--flightvm-state-cache", "flightvm_state_cache", ("FLIGHTVM_STATE_CACHE",),
+           kind="choice", choices=STATE_CACHES,
+           default="on"),
     Option("firmware", "guest firmware: bios, uefi, uefi-secure (Secure Boot, Microsoft keys enrolled) "
            "or uefi-secure-unenrolled (Secure Boot-capable firmware with SMM, no keys: upstream "
            "flightctl's setup)",
@@ -223,6 +229,7 @@ class Settings:
     vcpus: int = field(default_factory=default_vcpus)
     boot_timeout: float = 300.0
     reset: str = "snapshot"
+    state_cache: str = "on"
     firmware: str = "bios"
     tpm: bool = False
     cpu: str | None = None
@@ -244,6 +251,11 @@ class Settings:
     @property
     def store_dir(self) -> Path:
         return self.cache_dir / "store"
+
+    @property
+    def states_dir(self) -> Path:
+        """The booted-state store (private: a state holds guest memory)."""
+        return self.cache_dir / "states"
 
     @property
     def runs_dir(self) -> Path:

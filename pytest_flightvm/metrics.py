@@ -2,8 +2,8 @@
 
 Layout under the run dir:
 - ``resolves.jsonl``: one line per image resolve (written by cache.resolve);
-- ``metrics/<worker>.json``: the VMs a worker booted, their boot and revert
-  seconds and accel.
+- ``metrics/<worker>.json``: the VMs a worker booted or restored (``start``), their
+  request-to-ready, boot and revert seconds and accel.
 """
 
 from __future__ import annotations
@@ -27,7 +27,12 @@ def write_worker_metrics(run: RunContext, image: Any, factory: VMFactory,
             "accel": m.accel,
             "memory_mib": m.spec.memory_mib,
             "vcpus": m.spec.vcpus,
-            "boot_seconds": m.boot_seconds,
+            "start": m.started,  # "booted", or "restored" from a saved booted state
+            "boot_seconds": m.boot_seconds,  # boot -> ready (booted VMs)
+            # request -> ready: a boot's time, or a restore's from a saved state
+            "ready_seconds": m.ready_seconds if m.started == "restored" else m.boot_seconds,
+            "restore_phases": {k: round(v, 3) for k, v in m.phases.items()}
+            if m.started == "restored" else None,
             "revert_seconds": list(m.revert_seconds),
             "pristine_seconds": m.pristine_seconds,
             "firmware": m.spec.firmware.name,

@@ -218,13 +218,13 @@ class _BootStatus:
     last boot stage, rewritten in place), plain lines on each new stage when stdout is no
     terminal or under xdist (workers share the controller's stderr), nothing with -qq."""
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(self, config: pytest.Config, console: bool = False) -> None:
         self.config = config
         self.quiet = (config.getoption("verbose") or 0) <= -2
         self.tr = config.pluginmanager.getplugin("terminalreporter")
         # --flightvm-console streams consoles to the same terminal: plain lines then
         self.live = bool(self.tr is not None and _is_controller(config) and self.tr.isatty
-                         and not config.stash[_settings_key].console)
+                         and not console)
         self.plain = _progress(config)
         self.last: dict[str, str] = {}
 
@@ -356,7 +356,8 @@ def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
         factory = VMFactory(flightvm_settings, Path(flightvm_image.path), flightvm_run,
                             user_data_hook=user_data_hook, notice=emit,
                             console_out=pytestconfig.stash.get(_console_out_key, None),
-                            progress=_BootStatus(pytestconfig))
+                            progress=_BootStatus(pytestconfig, flightvm_settings.console),
+                            base_digest=getattr(flightvm_image, "digest", None) or None)
     yield factory
     factory.close()
     write_worker_metrics(flightvm_run, flightvm_image, factory,
@@ -413,14 +414,44 @@ def _pool(request: pytest.FixtureRequest, name: str, profile: VMProfile | None =
                 profile.resume(vm)
             state["resumed"] = True
 
+        states = None
+        settings: Settings = request.config.stash[_settings_key]
+        if settings.state_cache == "on":
+            from .vm.statecache import StateCache
+
+            states = StateCache(settings.states_dir, notice=_progress(request.config))
         pools[name] = VMPool(
             core,
             on_ready=lambda vm: hook.pytest_flightvm_vm_ready(vm=vm),
             before_snapshot=before_snapshot,
             after_revert=after_revert,
             notice=_progress(request.config),
+            states=states,
+            state_inputs=_state_inputs(request.config, profile),
         )
     return pools[name]
+
+
+def _state_inputs(config: pytest.Config, profile: VMProfile | None) -> tuple[str, ...]:
+    """Fingerprints of the code that shapes a VM before its pristine point (the user's
+    ``vm_ready`` and ``before_snapshot`` hooks, the profile's class): part of the state
+    key, so changing that code makes a new state instead of restoring a stale one."""
+    def fingerprint(obj: Any) -> str:
+        try:
+            text = inspect.getsource(obj)
+        except (OSError, TypeError):
+            code = getattr(obj, "__code__", None)
+            text = repr(code.co_code if code is not None else obj)
+        name = getattr(obj, "__qualname__", type(obj).__name__)
+        return f"{name}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+    parts: list[str] = []
+    for hookname in ("pytest_flightvm_vm_ready", "pytest_flightvm_before_snapshot"):
+        caller = getattr(config.hook, hookname)
+        parts.extend(f"{hookname}={fingerprint(impl.function)}" for impl in caller.get_hookimpls())
+    if profile is not None:
+        parts.append(f"profile={fingerprint(type(profile))}")
+    return tuple(parts)
 
 
 MARKER_ARGS = ("memory", "vcpus", "user_data", "reset", "host_ports", "agent")
@@ -618,8 +649,13 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         reverts = vm.get("revert_seconds") or []
         rev = f" reverts={len(reverts)} median={sorted(reverts)[len(reverts) // 2]:.1f}s" \
             if reverts else ""
+        ready = vm.get("ready_seconds")
+        if vm.get("start") == "restored" and ready is not None:
+            tr.write_line(f"vm {vm['name']}: accel={vm['accel']} restored "
+                          f"request_to_ready={ready:.1f}s{rev}")
+            continue
         boot = vm.get("boot_seconds")
-        tr.write_line(f"vm {vm['name']}: accel={vm['accel']} boot_to_ready="
+        tr.write_line(f"vm {vm['name']}: accel={vm['accel']} booted boot_to_ready="
                       f"{boot:.1f}s{rev}" if boot is not None else f"vm {vm['name']}: not ready")
     resets = summary["resets"]
     if resets:

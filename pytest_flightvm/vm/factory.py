@@ -8,6 +8,7 @@ destroys everything it made at the end.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import shutil
@@ -31,15 +32,47 @@ from . import firmware as fw_mod
 from .domain import NAME_PREFIX, DomainSpec, Owner, random_mac, vm_name_problem
 from .hostkey import HostKey, generate_host_key, write_known_hosts
 from .hostports import HOST_ADDRESS, alias_user_data, install_host_alias
-from .libvirt_conn import connect
+from .libvirt_conn import connect, error_text
 from .machine import BootProgress, Machine, ReadyCheck
 from .ports import release_port, reserve_port
+from .pristine import DEADLINE as PRISTINE_DEADLINE
+from .pristine import Pristine
+from .pristine import restore as restore_pristine
 from .reaper import KEPT_MARKER
+from .savefile import read_header, retarget_xml, write_retargeted
 from .ssh import Login, SSHClient, generate_keypair, write_askpass
+from .statecache import SavedState
 
 log = logging.getLogger("flightvm")
 
 USERNAME = "flightvm"
+# the identity a state key's seed is rendered with: what differs per VM is not in the key
+STATE_IDENTITY = "flightvm-state"
+STATE_MAC = "52:54:00:00:00:00"
+
+
+class _PlaceholderKey(HostKey):
+    """A host key that renders as a fixed placeholder in a state key's seed."""
+
+    def __init__(self, key: HostKey) -> None:
+        super().__init__(key.private, key.public_line)
+
+    def user_data(self) -> dict[str, Any]:
+        return {"ssh_keys": {"ed25519_private": "STATE", "ed25519_public": self.public_line},
+                "ssh_deletekeys": True}
+
+
+def _file_identity(path: Path) -> str:
+    """A pinned base without a digest: its path, size and times stand for its content."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def _read_lines(path: Path | None) -> list[str]:
+    try:
+        return path.read_text().splitlines() if path is not None else []
+    except OSError:
+        return []
 
 
 def new_run_id() -> str:
@@ -100,9 +133,11 @@ class VMFactory:
         notice: Callable[[str], None] = log.warning,
         console_out: TextIO | None = None,
         progress: BootProgress | None = None,
+        base_digest: str | None = None,
     ) -> None:
         self.settings = settings
         self.progress = progress  # hears each booting VM's stage (a live status line)
+        self.base_digest = base_digest  # in the state key; None: the base file's identity
         # --flightvm-console: where guest consoles stream live (the plugin hands over a
         # copy of the terminal's stderr taken before pytest's capture)
         self.console_out = (console_out or sys.__stderr__) if settings.console else None
@@ -189,13 +224,7 @@ class VMFactory:
         self._hardware_checked = True
 
     def _boot(self, name: str, request: VMRequest, accel: str, probation: bool) -> Machine:
-        if (problem := vm_name_problem(name)) is not None:  # before any file is touched
-            raise ConfigError(f"VM name {name!r} {problem}; pass another name")
-        vm_dir = private_dir(self.run.run_dir / "vms") / name
-        if vm_dir.is_symlink():
-            vm_dir.unlink()  # never follow a link planted where a VM dir goes
-        shutil.rmtree(vm_dir, ignore_errors=True)
-        private_dir(vm_dir, parents=False)
+        vm_dir = self._new_vm_dir(name)
         port = reserve_port()
         mac = random_mac()
         iso = vm_dir / "seed.iso"
@@ -254,6 +283,11 @@ class VMFactory:
 
     def _write_seed(self, name: str, mac: str, request: VMRequest, iso: Path,
                     host_key: HostKey | None = None) -> None:
+        write_iso(self._seed_files(name, mac, request, host_key=host_key), iso)
+
+    def _seed_files(self, name: str, mac: str, request: VMRequest, *,
+                    host_key: HostKey | None = None, instance_id: str | None = None,
+                    public_key: str | None = None) -> dict[str, bytes]:
         overrides = [dict(u) for u in request.user_data]
         if self.login.password is not None:
             # cloud-init's default ssh_pwauth: false would lock the baked password login out
@@ -268,11 +302,11 @@ class VMFactory:
             if extra:
                 overrides.append(extra)
         spec = SeedSpec(
-            instance_id=f"{name}-{uuid.uuid4().hex[:8]}",
+            instance_id=instance_id or f"{name}-{uuid.uuid4().hex[:8]}",
             hostname=name,
             mac=mac,
             username=USERNAME,
-            ssh_public_key=self.public_key,
+            ssh_public_key=public_key or self.public_key,
             user_data=tuple(overrides),
         )
         if self.settings.cloud_init_dir is not None:
@@ -284,7 +318,117 @@ class VMFactory:
         else:
             files = dict(render(spec))
             files.update(request.seed_payload)
-        write_iso(files, iso)
+        return files
+
+    # ------------------------------------------------------------ booted states
+    def state_parts(self, request: VMRequest, extra: tuple[str, ...] = (),
+                    accel: str | None = None) -> dict[str, Any]:
+        """What shapes the booted guest ``request`` asks for, minus per-VM identity: the
+        inputs of its state key (vm/statecache.py). ``extra``: fingerprints the caller
+        adds (the hooks that run before the pristine point); ``accel``: the one the VM
+        ran under (default: the one a boot would try first)."""
+        if accel is None:
+            accel, _ = accel_mod.initial_choice(self.settings.accel, accel_mod.host_state_dir())
+        placeholder = HostKey(Path("/dev/null"), "ssh-ed25519 STATE")
+        files = self._seed_files(
+            STATE_IDENTITY, STATE_MAC, request,
+            host_key=None if self.login.baked else _PlaceholderKey(placeholder),
+            instance_id=STATE_IDENTITY, public_key="ssh-ed25519 STATE")
+        s = self.settings
+        return {
+            "base": self.base_digest or _file_identity(self.base_image),
+            "seed": {n: hashlib.sha256(b).hexdigest() for n, b in sorted(files.items())},
+            "memory": request.memory or s.memory, "vcpus": request.vcpus or s.vcpus,
+            "firmware": self.firmware.name, "tpm": s.tpm, "cpu": s.cpu, "machine": "q35",
+            "accel": accel, "qemu": self.conn.getVersion(), "libvirt": self.conn.getLibVersion(),
+            "login": [self.login.user, self.login.baked, self.login.password is not None],
+            "outbound": s.guest_outbound, "extra": list(extra),
+        }
+
+    def restore_state(self, request: VMRequest, saved: SavedState) -> tuple[Machine, Pristine]:
+        """A new VM from ``saved``: its own name, UUID, overlay on the frozen disk, NVRAM copy,
+        seed, console, SSH port and host key (the saved guest's key pinned beside it), the
+        run's SSH key installed and the clock set. Raises FlightVMError (the caller evicts
+        the state and boots); the half-made VM is discarded first."""
+        start = time.monotonic()
+        name = self._next_name()
+        accel = str(saved.info.get("accel") or "tcg")
+        vm_dir = self._new_vm_dir(name)
+        port = reserve_port()
+        host_key = generate_host_key(vm_dir, name)
+        pinned = None if self.login.baked else host_key
+        saved_keys = saved.host_keys
+        known_hosts = write_known_hosts(vm_dir, "127.0.0.1", port, pinned, extra=saved_keys)
+        iso = vm_dir / "seed.iso"
+        # For a later reboot of this VM: its own instance-id and name, the saved MAC
+        self._write_seed(name, saved.mac, request, iso, host_key)
+        spec = DomainSpec(
+            name=name, overlay=vm_dir / "overlay.qcow2", seed_iso=iso,
+            console_log=vm_dir / "console.log", ssh_port=port, mac=saved.mac,
+            owner=Owner.current(self.run.run_id, self.run.worker, self.run.run_dir),
+            memory_mib=request.memory or self.settings.memory,
+            vcpus=request.vcpus or self.settings.vcpus, accel=accel, files=(vm_dir,),
+            firmware=self.firmware, nvram=vm_dir / "nvram.fd" if self.firmware.uefi else None,
+            tpm=self.settings.tpm, cpu_model=self.settings.cpu,
+            outbound=self.settings.guest_outbound)
+        host_key_check = "yes" if pinned is not None or saved_keys else "accept-new"
+        ssh = SSHClient(port, self.login.key, self.login.user, known_hosts=known_hosts,
+                        host_key_check=host_key_check, login=self.login)
+        machine = Machine(self.conn, spec, ssh, base=self.base_image, vm_dir=vm_dir,
+                          boot_timeout=accel_mod.timeout_for(accel, self.settings.boot_timeout),
+                          ready_checks=request.ready_checks, console_out=self.console_out)
+        machine.started = "restored"
+        machine.has_cloud_init = saved.has_cloud_init
+        machine.rename_from = saved.origin or None
+        if not self.login.baked:
+            machine.authorized_key = self.public_key
+        self.machines.append(machine)
+        try:
+            header = read_header(saved.pristine.state)
+            xml, _uuid = retarget_xml(header.xml, spec)
+            own = Pristine(vm_dir / "pristine.state", saved.pristine.disk, saved.pristine.nvram)
+            write_retargeted(saved.pristine.state, own.state, xml, header=header)
+            copied = time.monotonic() - start
+            spec.console_log.touch(mode=0o600)
+            try:
+                machine.dom = self.conn.defineXML(xml)
+            except Exception as exc:  # noqa: BLE001 - libvirtError, in one line
+                raise FlightVMError(f"libvirt refused the restored domain: {error_text(exc)}") \
+                    from None
+            if self.console_out is not None:
+                machine._start_streaming(self.console_out)
+            restore_pristine(machine, own, deadline=min(PRISTINE_DEADLINE, machine.boot_timeout))
+            machine.phases["prepare"] = copied  # seed, host key, overlay, state copy
+            machine.set_host_ports(request.host_ports if request.host_ports is not None
+                                   else self.settings.host_ports)
+        except BaseException:
+            self._keep_console(machine)
+            self.discard(machine)
+            raise
+        machine.ready_seconds = time.monotonic() - start
+        self.booted.append(machine)
+        return machine, own
+
+    def state_meta(self, machine: Machine) -> dict[str, Any]:
+        """What a VM restored from ``machine``'s state must know: its MAC, the host keys
+        it presents (as pinned in its known_hosts), its name (the hostname cloud-init
+        set), whether it has cloud-init, its accel."""
+        keys = []
+        for line in _read_lines(machine.ssh.known_hosts):
+            parts = line.split()
+            if len(parts) >= 3 and not line.startswith("#"):
+                keys.append(f"{parts[1]} {parts[2]}")
+        return {"mac": machine.spec.mac, "host_keys": keys, "origin": machine.name,
+                "has_cloud_init": machine.has_cloud_init, "accel": machine.accel}
+
+    def _new_vm_dir(self, name: str) -> Path:
+        if (problem := vm_name_problem(name)) is not None:  # before any file is touched
+            raise ConfigError(f"VM name {name!r} {problem}; pass another name")
+        vm_dir = private_dir(self.run.run_dir / "vms") / name
+        if vm_dir.is_symlink():
+            vm_dir.unlink()  # never follow a link planted where a VM dir goes
+        shutil.rmtree(vm_dir, ignore_errors=True)
+        return private_dir(vm_dir, parents=False)
 
     def _keep_console(self, machine: Machine) -> None:
         try:

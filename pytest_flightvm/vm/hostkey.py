@@ -7,7 +7,9 @@ is never reused or followed). The seed hands the key to cloud-init
 (``ssh_keys``), and the VM's own ``known_hosts`` pins it, so SSH runs with
 ``StrictHostKeyChecking=yes``. An image without cloud-init keeps the host key it
 was built with: its ``known_hosts`` starts empty and the first contact pins it
-(``accept-new``).
+(``accept-new``). A VM restored from a saved booted state (:mod:`statecache`) presents
+the saving VM's key until it reboots: its ``known_hosts`` pins that key (kept with the
+state: pinned per state) beside its own.
 """
 
 from __future__ import annotations
@@ -76,9 +78,13 @@ def known_hosts_entry(host: str, port: int, public_line: str) -> str:
     return f"{pattern} {keytype} {blob}"
 
 
-def write_known_hosts(vm_dir: Path, host: str, port: int, key: HostKey | None) -> Path:
-    """The VM's own known_hosts: pinned to ``key``, or empty (first contact pins)."""
+def write_known_hosts(vm_dir: Path, host: str, port: int, key: HostKey | None,
+                      *, extra: tuple[str, ...] = ()) -> Path:
+    """The VM's own known_hosts: pinned to ``key`` and the public keys in ``extra`` (a
+    VM restored from a saved state presents the saving VM's key until it reboots), or
+    empty (first contact pins)."""
     path = vm_dir / KNOWN_HOSTS_NAME
-    line = known_hosts_entry(host, port, key.public_line) + "\n" if key else ""
-    write_exclusive(path, line.encode())
+    publics = ([key.public_line] if key else []) + list(extra)
+    text = "".join(known_hosts_entry(host, port, line) + "\n" for line in publics)
+    write_exclusive(path, text.encode())
     return path

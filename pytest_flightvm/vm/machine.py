@@ -79,6 +79,18 @@ class Machine:
         self.boot_seconds: float | None = None
         self.revert_seconds: list[float] = []
         self.pristine_seconds: float | None = None  # making the pristine point (save/snapshot)
+        # "booted", or "restored" from a saved booted state (vm/statecache.py); then
+        # ready_seconds is request -> ready, and boot_seconds stays None
+        self.started = "booted"
+        self.ready_seconds: float | None = None
+        # Restored from another VM's state: after every restore the guest agent installs
+        # this public key as the login's only one, and the hostname that VM's cloud-init
+        # set (rename_from) becomes this VM's name (vm/resume.py).
+        self.authorized_key: str | None = None
+        self.phases: dict[str, float] = {}  # seconds of the last restore's steps, for metrics
+        # where its pristine point lives (vm/pristine.py): the VM dir, or the state store
+        self.pristine: Any = None
+        self.rename_from: str | None = None
         self._streamer: threading.Thread | None = None
         self._stop_stream = threading.Event()
         self.failed = False

@@ -15,6 +15,13 @@ Reset modes:
 Every reset has a deadline; a failed or stuck one falls back to a fresh overlay
 and boot, with a warning. Where no pristine point can be made, the pool
 degrades to ``reboot`` with one notice.
+
+With a state cache (``--flightvm-state-cache on``, :mod:`statecache`) and the ``restore``
+mechanism, a VM the pool needs is first looked up by its state key: a hit is restored
+(``VMFactory.restore_state``) instead of booted, and its pristine point *is* that state
+(the per-test reset is the same restore); a miss boots, and the pristine point it
+saves is published under the key. A state that fails to restore is evicted and the VM
+booted, with one warning line.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from .factory import VMFactory, VMRequest
 from .machine import Machine
 from .pristine import Pristine, capture, restore
 from .snapshot import revert, take_snapshot
+from .statecache import StateCache, state_key
 
 log = logging.getLogger("flightvm")
 
@@ -54,8 +62,12 @@ class VMPool:
         before_snapshot: VMHook = lambda _vm: None,
         after_revert: VMHook = lambda _vm: None,
         notice: Callable[[str], None] = log.warning,
+        states: StateCache | None = None,
+        state_inputs: tuple[str, ...] = (),
     ) -> None:
         self.factory = factory
+        self.states = states
+        self.state_inputs = state_inputs  # fingerprints of the hooks before the pristine point
         self.on_ready = on_ready
         self.before_snapshot = before_snapshot
         self.after_revert = after_revert
@@ -67,7 +79,69 @@ class VMPool:
         self._unsupported: set[str] = set()
         self.resets: list[dict[str, Any]] = []
 
+    def _state_key(self, request: VMRequest, reset: str, accel: str | None = None) -> str | None:
+        """The state key for ``request`` (under ``accel``), when the state cache applies."""
+        if (self.states is None or reset not in PRISTINE_MODES or "restore" in self._unsupported
+                or (reset == "internal" and not self.factory.firmware.uefi)):
+            return None
+        if self.factory.settings.tpm:
+            # QEMU's stream holds swtpm's whole state: every VM restored from one state would
+            # share the saving VM's TPM identity (endorsement key, seeds) and its RNG state.
+            if "tpm" not in self._unsupported:
+                self._unsupported.add("tpm")
+                self.notice("flightvm: the state cache is not used with --flightvm-tpm (a "
+                            "restored state would clone the saving VM's TPM identity); booting")
+            return None
+        try:
+            self.states.store  # noqa: B018 - made here: an unusable store disables the cache
+            return state_key(self.factory.state_parts(request, self.state_inputs, accel))
+        except FlightVMError as exc:
+            self.notice(f"flightvm: no state key ({exc}); booting without the state cache")
+            return None
+
+    def _restore_saved(self, request: VMRequest, key: str) -> Machine | None:
+        assert self.states is not None
+        saved = self.states.lookup(key)
+        if saved is None:
+            return None
+        try:
+            machine, pristine = self.factory.restore_state(request, saved)
+        except FlightVMError as exc:
+            self.states.evict(key)
+            self.notice(f"flightvm: the saved state {key[:12]} did not restore ({exc}); "
+                        "evicted it, booting instead")
+            return None
+        self.states.touch(key)
+        self.current, self._key, self._dirty = machine, request.spec_key(), False
+        self._pristine = machine.pristine = pristine
+        self.after_revert(machine)
+        return machine
+
+    def _publisher(self, request: VMRequest, reset: str,
+                   machine: Machine) -> Callable[[Pristine], Pristine | None] | None:
+        states = self.states
+        if states is None:
+            return None
+        # keyed by the accel the VM really ran under (a KVM probation may have fallen back)
+        key = self._state_key(request, reset, machine.accel)
+        if key is None:
+            return None
+
+        def publish(pristine: Pristine) -> Pristine | None:
+            try:
+                return states.publish(key, pristine, self.factory.state_meta(machine))
+            except FlightVMError as exc:
+                self.notice(f"flightvm: the booted state of {machine.name} was not cached ({exc})")
+                return None
+
+        return publish
+
     def _boot(self, request: VMRequest, reset: str) -> Machine:
+        key = self._state_key(request, reset)
+        if key is not None:
+            restored = self._restore_saved(request, key)
+            if restored is not None:
+                return restored
         machine = self.factory.create(request)
         self.on_ready(machine)
         self.current, self._key, self._dirty, self._pristine = machine, request.spec_key(), False, None
@@ -86,7 +160,10 @@ class VMPool:
                 take_snapshot(machine)
                 self._pristine = "internal"
             else:
-                self._pristine, seconds = capture(machine)
+                publish = self._publisher(request, reset, machine)
+                self._pristine, seconds = (capture(machine, publish=publish) if publish
+                                           else capture(machine))
+                machine.pristine = self._pristine
                 machine.pristine_seconds = seconds
         except FlightVMError as exc:
             self._unsupported.add(how)

@@ -12,7 +12,9 @@ docs/BENCHMARKS.md, P6). At the pristine point:
    put on the frozen disk, the NVRAM copy is written back, the state file restored,
    and :func:`resume.after_resume` waits for SSH and sets the clock.
 
-Everything lives in the VM's own 0700 dir and goes with it.
+Everything lives in the VM's own 0700 dir and goes with it, unless the state cache
+(:mod:`statecache`) took the files into its store at step 2: then a reset restores
+from there, exactly as a VM restored from a cached state does (one mechanism).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,8 +45,13 @@ class Pristine:
     nvram: Path | None  # copy of the UEFI variable store, None under BIOS
 
 
-def capture(machine: Machine, *, deadline: float = DEADLINE) -> tuple[Pristine, float]:
-    """Save ``machine`` as its pristine point and resume it from there."""
+def capture(machine: Machine, *, deadline: float = DEADLINE,
+            publish: Callable[[Pristine], Pristine | None] | None = None,
+            ) -> tuple[Pristine, float]:
+    """Save ``machine`` as its pristine point and resume it from there.
+
+    ``publish`` (the state cache) may take the saved files while the guest is stopped
+    and hand back where they now are; the VM then resets from there."""
     start = time.monotonic()
     machine.ssh.close()
     vm_dir = machine.vm_dir
@@ -59,6 +67,8 @@ def capture(machine: Machine, *, deadline: float = DEADLINE) -> tuple[Pristine, 
         shutil.copyfile(machine.spec.nvram, nvram)
         nvram.chmod(0o400)
     pristine = Pristine(state, disk, nvram)
+    if publish is not None:
+        pristine = publish(pristine) or pristine
     _restore_files_and_state(machine, pristine, deadline)
     after_resume(machine, start, deadline)
     return pristine, time.monotonic() - start

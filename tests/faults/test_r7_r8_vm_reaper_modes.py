@@ -9,7 +9,8 @@ then kill -9 of the pytest that owns it, and the reaper.
    libvirt lists the base only as a backing store; QEMU holds it read-only
    (QMP ``query-named-block-nodes`` and the open file's flags in /proc);
    ``qemu-img info --force-share --backing-chain`` on the overlay shows the
-   frozen pristine disk (0400, in the VM dir) and below it the base, both qcow2.
+   frozen pristine disk (0400 in the VM dir, or 0444 in the private state store) and
+   below it the base, both qcow2.
 4. R7: kill -9 A's process group. ``flightvm gc`` removes A's domain and
    files; B (owner alive) is untouched. Then kill -9 B, and the next pytest
    session's start removes B. The base is unchanged at the end.
@@ -212,15 +213,22 @@ def test_modes_then_kill_9_and_reap(real_base: dict[str, Any], tally: Tally,
 
         with tally.trial("R8", "qemu-img info --force-share: overlay -> frozen pristine -> base"):
             # The default reset saved the VM at its pristine point: the overlay it booted on
-            # was frozen read-only in its VM dir, and the running overlay sits on top of it.
+            # was frozen read-only, in its VM dir (0400) or, published by the state cache
+            # (the default), in the private state store (0444), and the running overlay
+            # sits on top of it.
             chain = json.loads(subprocess.run(
                 ["qemu-img", "info", "--force-share", "--backing-chain", "--output=json", overlay],
                 capture_output=True, text=True, check=True).stdout)
             assert [c["format"] for c in chain] == ["qcow2"] * 3, chain
             top, frozen = chain[0], chain[1]
             assert top.get("backing-filename-format") == "qcow2"
-            assert Path(top["backing-filename"]).parent == Path(overlay).parent
-            assert mode(top["backing-filename"]) == 0o400, "the frozen disk must be read-only"
+            frozen_at = Path(top["backing-filename"]).parent
+            states = cache / "states" / "blobs" / "sha256"
+            assert frozen_at in (Path(overlay).parent, states), frozen_at
+            want = 0o400 if frozen_at == Path(overlay).parent else 0o444
+            assert mode(top["backing-filename"]) == want, "the frozen disk must be read-only"
+            if frozen_at == states:
+                assert mode(str(cache / "states")) == 0o700
             assert frozen["backing-filename"] == base
             assert frozen.get("backing-filename-format") == "qcow2"
             assert chain[2].get("backing-filename") is None

@@ -106,8 +106,10 @@ def test_e_fresh_vm_after_failed_revert(flightvm):
 def test_reset_between_tests(vm_suite, tmp_path: Path, mode: str) -> None:
     Path("test_reset_suite.py").write_text(SUITE)
     state = tmp_path / "state.json"
+    # The VM's own pristine point (in its dir) is what test_d breaks; the state cache keeps
+    # it in its store instead and has its own test (test_state_cache.py).
     result, metrics = vm_suite.run("-v", "-p", "no:randomly", "-s", RESET_STATE=str(state),
-                                   FLIGHTVM_RESET=mode)
+                                   FLIGHTVM_RESET=mode, FLIGHTVM_STATE_CACHE="off")
     result.assert_outcomes(passed=5)
     # a -> b, b -> c, c -> d are resets; d -> e is the failed reset that fell back.
     notices = result.stdout.lines + result.stderr.lines

@@ -69,7 +69,7 @@ def test_safe_names(name: str, safe: str) -> None:
 CONFTEST = r'''
 import types
 import pytest
-import pytest_flightvm.plugin as plugin
+import pytest_flightvm.vm.pool as pool_module
 
 
 class FakeVM:
@@ -105,7 +105,7 @@ class FakePool:
         pass
 
 
-plugin.VMPool = FakePool
+pool_module.VMPool = FakePool  # the plugin imports it when a VM is first asked for
 
 
 @pytest.fixture(scope="session")

@@ -66,7 +66,7 @@ class FakePool:
     """The pool's callback interface, with no libvirt: boot = on_ready, before_snapshot,
     the pristine point, after_revert; a reset = after_revert."""
 
-    def __init__(self, factory, *, on_ready, before_snapshot, after_revert, notice):
+    def __init__(self, factory, *, on_ready, before_snapshot, after_revert, notice, **_state):
         self.factory, self.on_ready = factory, on_ready
         self.before_snapshot, self.after_revert = before_snapshot, after_revert
         self.current, self.resets = None, []
