@@ -83,6 +83,10 @@ class LibvirtUnreachable(LibvirtError):
     exit_code = 2
 
 
+class HostStorageError(LibvirtError):
+    """A libvirt host's storage pool refused or lost a volume (remote hosts, vm/volumes.py)."""
+
+
 class BootError(FlightVMError):
     """A guest failed to become ready."""
 

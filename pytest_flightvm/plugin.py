@@ -257,7 +257,9 @@ def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
 
     emit = _progress(pytestconfig)
     with _one_line_errors():
-        reap(flightvm_settings.libvirt_uri, flightvm_settings.runs_dir, log=emit)
+        hosts = flightvm_settings.host_list
+        reap(tuple(h.uri for h in hosts), flightvm_settings.runs_dir, log=emit,
+             pools=tuple(h.pool for h in hosts if not h.local))
 
     def user_data_hook(name: str, user_data: dict[str, Any]) -> None:
         pytestconfig.hook.pytest_flightvm_user_data(config=pytestconfig, vm_name=name,
@@ -266,6 +268,7 @@ def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
     with _one_line_errors():
         factory = VMFactory(flightvm_settings, Path(flightvm_image.path), flightvm_run,
                             user_data_hook=user_data_hook, notice=emit,
+                            base_digest=getattr(flightvm_image, "digest", None),
                             console_out=pytestconfig.stash.get(_console_out_key, None))
     yield factory
     factory.close()

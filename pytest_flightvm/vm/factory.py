@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from ..config import Settings
 from ..errors import BootError, ConfigError, FlightVMError, KVMUnusable
+from ..hosts import assign
 from ..seed.iso import write_iso
 from ..seed.render import SeedSpec, load_cloud_init_dir, merge_cloud_init_dir, render
 from ..statedir import ensure_cache_dir, private_dir
@@ -35,6 +36,7 @@ from .machine import Machine, ReadyCheck
 from .ports import release_port, reserve_port
 from .reaper import KEPT_MARKER
 from .ssh import Login, SSHClient, generate_keypair, write_askpass
+from .volumes import BaseVolume, HostStorage, VMVolumes
 
 log = logging.getLogger("flightvm")
 
@@ -57,6 +59,16 @@ class RunContext:
     @classmethod
     def create(cls, settings: Settings, run_id: str, worker: str) -> RunContext:
         return cls(run_id, make_run_dir(settings.runs_dir, run_id), worker)
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * 2**20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 def make_run_dir(runs_dir: Path, run_id: str) -> Path:
@@ -98,8 +110,20 @@ class VMFactory:
         user_data_hook: UserDataHook | None = None,
         notice: Callable[[str], None] = log.warning,
         console_out: TextIO | None = None,
+        base_digest: str | None = None,
     ) -> None:
         self.settings = settings
+        # The libvirt host of this worker: the one local host unless --flightvm-hosts lists
+        # more, then the one with the most free slots, picked under the run's lock.
+        self.host, over = assign(settings.host_list, run.run_dir, run.worker)
+        if over:
+            notice(f"flightvm: every host slot is taken; worker {run.worker} shares "
+                   f"{self.host.label} (add #slots=N or hosts to --flightvm-hosts)")
+        self.base_digest = base_digest
+        self._storage: HostStorage | None = None
+        self._base_volume: BaseVolume | None = None
+        # base uploads to the remote host: one entry per factory (bytes 0 = already there)
+        self.uploads: list[dict[str, Any]] = []
         # --flightvm-console: where guest consoles stream live (the plugin hands over a
         # copy of the terminal's stderr taken before pytest's capture)
         self.console_out = (console_out or sys.__stderr__) if settings.console else None
@@ -137,8 +161,33 @@ class VMFactory:
     @property
     def conn(self) -> Any:
         if self._conn is None:
-            self._conn = connect(self.settings.libvirt_uri)
+            self._conn = connect(self.host.uri)
         return self._conn
+
+    def _remote_volumes(self, name: str, iso: Path) -> VMVolumes:
+        """On a remote host: the base (uploaded once per digest), then this VM's volumes."""
+        if self._storage is None:
+            self._storage = HostStorage(self.conn, self.host,
+                                        lock_dir=self.settings.cache_dir / "host-locks")
+        if self._base_volume is None:
+            digest = self.base_digest or _file_digest(self.base_image)
+            base = self._storage.ensure_base(self.base_image, digest)
+            self._base_volume = base
+            self.uploads.append({"host": self.host.label, "pool": self.host.pool,
+                                 "digest": digest, "bytes": base.uploaded_bytes,
+                                 "seconds": round(base.seconds, 3),
+                                 "skipped": base.uploaded_bytes == 0})
+            if base.uploaded_bytes:
+                self.notice(f"flightvm: uploaded the base ({base.uploaded_bytes / 2**20:.0f} MiB) "
+                            f"to {self.host.label} pool {self.host.pool} in {base.seconds:.1f}s")
+        return self._storage.create_vm_volumes(name, self._base_volume, iso)
+
+    def _check_remote(self) -> None:
+        s = self.settings
+        if s.firmware != "bios" or s.tpm:
+            raise ConfigError(f"{self.host.label}: VMs on a remote libvirt host run BIOS "
+                              "firmware without a TPM for now; drop --flightvm-firmware/"
+                              "--flightvm-tpm or use a local host")
 
     def _next_name(self) -> str:
         with self._lock:
@@ -156,7 +205,13 @@ class VMFactory:
             raise ConfigError(f"VM name {name!r} is longer than 63 characters; pass a shorter name")
         if (problem := vm_name_problem(name)) is not None:
             raise ConfigError(f"VM name {name!r} {problem}; pass another name")
-        accel, probation = accel_mod.initial_choice(self.settings.accel, accel_mod.host_state_dir())
+        if self.host.local:
+            accel, probation = accel_mod.initial_choice(self.settings.accel,
+                                                        accel_mod.host_state_dir())
+        else:
+            # the KVM verdict on file is this machine's, not the remote host's
+            self._check_remote()
+            accel, probation = ("kvm" if self.settings.accel == "kvm" else "tcg"), False
         self._check_hardware(accel)
         try:
             machine = self._boot(name, request, accel, probation)
@@ -173,7 +228,8 @@ class VMFactory:
         """Firmware files, swtpm and the CPU model, once, before the first VM starts."""
         if self._hardware_checked:
             return
-        fw_mod.check_host(self.firmware, tpm=self.settings.tpm)
+        if self.host.local:  # firmware files and swtpm on this machine
+            fw_mod.check_host(self.firmware, tpm=self.settings.tpm)
         if self.settings.cpu:
             usable = fw_mod.check_cpu(self.conn, self.settings.cpu, accel=accel,
                                       emulator=DomainSpec.emulator)
@@ -202,7 +258,19 @@ class VMFactory:
         self._write_seed(name, mac, request, iso, host_key)
         overlay = vm_dir / "overlay.qcow2"
         console = vm_dir / "console.log"
-        nvram = fw_mod.new_nvram(self.firmware, vm_dir / "nvram.fd")
+        volumes: VMVolumes | None = None
+        remote: dict[str, Any] = {}
+        if not self.host.local:
+            try:
+                volumes = self._remote_volumes(name, iso)
+            except BaseException:
+                release_port(None, port)
+                raise
+            overlay, iso = Path(volumes.overlay), Path(volumes.seed)
+            remote = {"console_path": volumes.console, "pool": self.host.pool,
+                      "volumes": tuple(Path(p).name for p in
+                                       (volumes.overlay, volumes.seed, volumes.console))}
+        nvram = fw_mod.new_nvram(self.firmware, vm_dir / "nvram.fd") if volumes is None else None
         spec = DomainSpec(
             name=name, overlay=overlay, seed_iso=iso, console_log=console, ssh_port=port,
             mac=mac, owner=Owner.current(self.run.run_id, self.run.worker, self.run.run_dir),
@@ -211,15 +279,17 @@ class VMFactory:
             files=(vm_dir,), firmware=self.firmware, nvram=nvram, tpm=self.settings.tpm,
             cpu_model=self.settings.cpu,
             outbound=self.settings.guest_outbound,
+            **remote,
         )
         ssh = SSHClient(port, self.login.key, self.login.user, known_hosts=known_hosts,
                         host_key_check="yes" if pinned is not None else "accept-new",
-                        login=self.login)
+                        login=self.login, jump=self.host.jump())
         machine = Machine(
             self.conn, spec, ssh,
             base=self.base_image, vm_dir=vm_dir,
             boot_timeout=accel_mod.timeout_for(accel, self.settings.boot_timeout),
             ready_checks=request.ready_checks, console_out=self.console_out,
+            volumes=volumes,
         )
         machine.kvm_probation = probation
         self.machines.append(machine)
@@ -299,7 +369,7 @@ class VMFactory:
         (machine.vm_dir / KEPT_MARKER).write_text(f"{time.time()}\n")
         return (f"flightvm: kept VM {machine.name}\n"
                 f"  ssh:     {machine.ssh_command()}\n"
-                f"  console: virsh -c {self.settings.libvirt_uri} console {machine.name}"
+                f"  console: virsh -c {self.host.uri} console {machine.name}"
                 f"  (log: {machine.spec.console_log})\n"
                 f"  remove:  flightvm gc --name {machine.name}")
 

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ..errors import BootError, GuestCommandError, KVMUnusable, LibvirtError
 from .accel import KVM_PROGRESS_SECONDS
@@ -31,6 +31,9 @@ from .ready import (
     wait_until_ready,
 )
 from .ssh import CommandResult, SSHClient
+
+if TYPE_CHECKING:
+    from .volumes import VMVolumes
 
 log = logging.getLogger("flightvm")
 
@@ -61,8 +64,12 @@ class Machine:
         boot_timeout: float,
         ready_checks: tuple[ReadyCheck, ...] = (),
         console_out: TextIO | None = None,
+        volumes: VMVolumes | None = None,
     ) -> None:
         self.conn = conn
+        # On a remote libvirt host: the VM's pool volumes (overlay, seed, console), made by
+        # the factory through the storage API; spec.console_log is then a local mirror.
+        self.volumes = volumes
         self.spec = spec
         self.ssh = ssh
         self.base = base
@@ -94,6 +101,15 @@ class Machine:
     @property
     def ssh_port(self) -> int:
         return self.spec.ssh_port
+
+    @property
+    def remote(self) -> bool:
+        """True when the VM runs on a remote libvirt host (disks are pool volumes there)."""
+        return self.volumes is not None
+
+    def _pull_console(self) -> None:
+        if self.volumes is not None:
+            self.volumes.pull_console(self.spec.console_log)
 
     @property
     def accel(self) -> str:
@@ -135,23 +151,27 @@ class Machine:
         return self.ssh.command()
 
     def console_log(self) -> str:
+        self._pull_console()
         try:
             return self.spec.console_log.read_text(errors="replace")
         except OSError:
             return ""
 
     def console_tail(self, lines: int = 30) -> str:
+        self._pull_console()
         return console_tail(self.spec.console_log, lines)
 
     def __repr__(self) -> str:
-        return f"<Machine {self.name} ssh=127.0.0.1:{self.ssh_port} accel={self.accel}>"
+        where = f" on {self.volumes.storage.host.label}" if self.volumes is not None else ""
+        return f"<Machine {self.name} ssh=127.0.0.1:{self.ssh_port} accel={self.accel}{where}>"
 
     # --------------------------------------------------------------- lifecycle
     def boot(self) -> float:
         """Create the overlay, define and start the domain, wait for ready."""
         import libvirt
 
-        create_overlay(self.base, self.spec.overlay)
+        if self.volumes is None:
+            create_overlay(self.base, self.spec.overlay)
         self.spec.console_log.touch(mode=0o600)
         watcher = ConsoleWatcher(self.spec.console_log)
         self._started_at = time.monotonic()
@@ -169,7 +189,11 @@ class Machine:
 
     def wait_ready(self, *, timeout: float | None = None,
                    watcher: ConsoleWatcher | None = None) -> float:
-        probe = Probe(domain_state=self._domain_problem, guest_ready=self._guest_ready)
+        def domain_state() -> str | None:
+            self._pull_console()  # a remote console reaches the local mirror before each scan
+            return self._domain_problem()
+
+        probe = Probe(domain_state=domain_state, guest_ready=self._guest_ready)
         try:
             return wait_until_ready(self.name, self.spec.console_log, probe,
                                     timeout=timeout or self.boot_timeout, watcher=watcher)
@@ -330,6 +354,8 @@ class Machine:
                         self.dom.destroy()
                 except libvirt.libvirtError as exc:
                     log.debug("flightvm: %s %s: %s", op, self.name, error_text(exc))
+        if self.volumes is not None and remove_files:
+            self.volumes.delete()  # overlay, seed and console; the base volume stays
         if remove_files:
             shutil.rmtree(self.vm_dir, ignore_errors=True)
 

@@ -38,6 +38,10 @@ PRISTINE_MODES = ("snapshot", "restore", "internal")
 
 def mechanism(reset: str, machine: Machine) -> str:
     """The mechanism behind a pristine-point reset mode, for this guest."""
+    if getattr(machine, "remote", False):
+        # save/restore writes state files on the VM's host, and pristine.py handles them as
+        # local files; a remote VM is BIOS-only (factory.py) and snapshots in its overlay.
+        return "internal"
     if reset == "internal" and not machine.spec.firmware.uefi:
         return "internal"
     return "restore"
