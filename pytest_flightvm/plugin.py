@@ -270,6 +270,11 @@ def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
                             user_data_hook=user_data_hook, notice=emit,
                             base_digest=getattr(flightvm_image, "digest", None),
                             console_out=pytestconfig.stash.get(_console_out_key, None))
+        try:
+            factory.prepare_host()  # a remote host gets the base now (once per digest per host)
+        except BaseException:
+            factory.close()
+            raise
     yield factory
     factory.close()
     write_worker_metrics(flightvm_run, flightvm_image, factory,

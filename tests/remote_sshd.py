@@ -1,8 +1,8 @@
 """A "remote" libvirt host for the tests: this machine, reached over an sshd of our own.
 
 The sshd listens on a free 127.0.0.1 port with a host key, an authorized key for root,
-a config, a pid file and a VERBOSE log, all in a mktemp dir; it runs in the foreground
-as our child and is stopped by its pid. libvirt reaches it as
+a config, a pid file and a DEBUG1 log (it names each direct-tcpip channel), all in a
+mktemp dir; it runs in the foreground as our child and is stopped by its pid. libvirt reaches it as
 ``qemu+ssh://root@127.0.0.1:PORT/system?keyfile=KEY&no_verify=1&known_hosts=KH&command=WRAP``:
 ``command`` names a tiny ssh wrapper that keeps host keys in the test's own known_hosts
 (libvirt's ssh transport would otherwise add the test's key to root's ~/.ssh/known_hosts).
@@ -83,7 +83,7 @@ def start_remote_host() -> RemoteHost:
         f"PidFile {d / 'sshd.pid'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nAllowUsers root\n"
-        "AllowTcpForwarding yes\nLogLevel VERBOSE\nMaxStartups 100\nMaxSessions 100\n")
+        "AllowTcpForwarding yes\nLogLevel DEBUG1\nMaxStartups 100\nMaxSessions 100\n")
     wrap = d / "ssh-wrap"
     wrap.write_text("#!/bin/sh\n"
                     f"exec ssh -o UserKnownHostsFile={d / 'known_hosts'} "

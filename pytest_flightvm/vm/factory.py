@@ -164,8 +164,12 @@ class VMFactory:
             self._conn = connect(self.host.uri)
         return self._conn
 
-    def _remote_volumes(self, name: str, iso: Path) -> VMVolumes:
-        """On a remote host: the base (uploaded once per digest), then this VM's volumes."""
+    def prepare_host(self) -> None:
+        """On a remote host: its pool and the base (uploaded once per digest), before the
+        first VM; a local host needs nothing."""
+        if self.host.local:
+            return
+        self._check_remote()
         if self._storage is None:
             self._storage = HostStorage(self.conn, self.host,
                                         lock_dir=self.settings.cache_dir / "host-locks")
@@ -180,6 +184,11 @@ class VMFactory:
             if base.uploaded_bytes:
                 self.notice(f"flightvm: uploaded the base ({base.uploaded_bytes / 2**20:.0f} MiB) "
                             f"to {self.host.label} pool {self.host.pool} in {base.seconds:.1f}s")
+
+    def _remote_volumes(self, name: str, iso: Path) -> VMVolumes:
+        """On a remote host: the base (uploaded once per digest), then this VM's volumes."""
+        self.prepare_host()
+        assert self._storage is not None and self._base_volume is not None
         return self._storage.create_vm_volumes(name, self._base_volume, iso)
 
     def _check_remote(self) -> None:

@@ -1,0 +1,192 @@
+"""A VM on a "remote" libvirt host: this machine over an sshd of the test's own (loopback).
+
+One module-scoped host and pool; one guest boots, and every check shares it:
+- a kill -9 in the middle of a base upload leaves no volume a later run takes as complete
+  (the next run uploads the whole base again);
+- the base arrived through the storage API: the volume is in our pool, with the base's
+  size and digest, and its completion mark;
+- the guest was reached through the jump: the test sshd's log shows the direct-tcpip
+  channels to the guest's forward port, and ``vm.ssh_command()`` works from here;
+- the VM's volumes (overlay, seed, console) went with it, the base stayed;
+- a second run skipped the upload (0 bytes, the metrics say so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_flightvm.hosts import Host
+from pytest_flightvm.vm.libvirt_conn import connect
+from pytest_flightvm.vm.volumes import HostStorage, base_volume_name, mark_volume_name
+from tests.remote_sshd import RemoteHost, available, start_remote_host
+
+INNER = '''
+import json, os, subprocess
+
+def test_remote_vm(flightvm):
+    assert flightvm.run("echo hi").stdout.strip() == "hi"
+    cmd = flightvm.ssh_command()
+    assert "ProxyCommand=" in cmd
+    pasted = subprocess.run(cmd + " -o BatchMode=yes -- cat /proc/sys/kernel/random/boot_id",
+                            shell=True, capture_output=True, text=True, timeout=120)
+    assert pasted.returncode == 0, pasted.stderr
+    assert pasted.stdout.strip() == flightvm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+    console = flightvm.console_log()
+    with open(os.environ["FVM_OUT"], "w") as f:
+        json.dump({"name": flightvm.name, "port": flightvm.ssh_port, "cmd": cmd,
+                   "console_has_kernel": "Linux version" in console,
+                   "overlay": str(flightvm.spec.overlay), "seed": str(flightvm.spec.seed_iso),
+                   "console_path": flightvm.spec.console_path}, f)
+'''
+
+SECOND = '''
+def test_no_vm(flightvm_factory):
+    pass
+'''
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * 2**20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def remote() -> Iterator[tuple[RemoteHost, Host, Path]]:
+    why = available()
+    if why:
+        pytest.skip(why)
+    sshd = start_remote_host()
+    pool_dir = Path(tempfile.mkdtemp(prefix="fvm-pool-", dir="/var/tmp")) / "pool"
+    pool = f"flightvm-test-{sshd.port}"
+    host = Host(sshd.uri, 1, pool, str(pool_dir))
+    try:
+        yield sshd, host, pool_dir
+    finally:
+        import libvirt
+
+        conn = libvirt.open("qemu:///system")
+        try:
+            p = conn.storagePoolLookupByName(pool)
+            for vol in p.listAllVolumes(0):
+                vol.delete(0)
+            if p.isActive():
+                p.destroy()
+            p.undefine()
+        except libvirt.libvirtError:
+            pass
+        finally:
+            conn.close()
+        sshd.stop()
+        shutil.rmtree(pool_dir.parent, ignore_errors=True)
+
+
+def _kill_mid_upload(host: Host, base: Path, digest: str, pool_dir: Path) -> int:
+    """Start an upload in a child process; kill -9 it once part of the base is in the pool."""
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from pytest_flightvm.hosts import parse_hosts\n"
+        "from pytest_flightvm.vm.libvirt_conn import connect\n"
+        "from pytest_flightvm.vm.volumes import HostStorage\n"
+        "host = parse_hosts(sys.argv[1], 'x')[0]\n"
+        "HostStorage(connect(host.uri), host).ensure_base(Path(sys.argv[2]), sys.argv[3])\n")
+    entry = f"{host.uri}#pool={host.pool}&pool_dir={host.pool_dir}"
+    child = subprocess.Popen([sys.executable, "-c", script, entry, str(base), digest])
+    target = pool_dir / base_volume_name(digest)
+    seen = 0
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            try:  # the volume is made sparse at full size: count what was written
+                seen = target.stat().st_blocks * 512
+            except OSError:
+                seen = 0
+            if seen > 32 * 2**20:
+                break
+            time.sleep(0.01)
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL, "the upload finished before it could be killed"
+    return seen
+
+
+def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
+                             remote: tuple[RemoteHost, Host, Path]) -> None:
+    sshd, host, pool_dir = remote
+    base, digest = Path(base_in_registry["path"]), base_in_registry["digest"]
+    size = base.stat().st_size
+
+    # 1. kill -9 mid-upload: a partial base and no mark; nothing counts it as complete
+    seen = _kill_mid_upload(host, base, digest, pool_dir)
+    assert 0 < seen < size
+    assert (pool_dir / base_volume_name(digest)).stat().st_blocks * 512 < size
+    assert not (pool_dir / mark_volume_name(digest)).exists()
+    conn = connect(host.uri)
+    try:
+        assert HostStorage(conn, host).base_present(digest, size) is None
+    finally:
+        conn.close()
+
+    # 2. a run on the remote host: uploads the whole base again, boots, reaches the guest
+    entry = f"{host.uri}#slots=1&pool={host.pool}&pool_dir={host.pool_dir}"
+    out = vm_suite.cache_dir / "inner.json"
+    Path("test_remote.py").write_text(INNER)
+    before = sshd.log_text().count("server_request_direct_tcpip")
+    started = time.monotonic()
+    result, metrics = vm_suite.run(f"--flightvm-hosts={entry}", FVM_OUT=str(out))
+    wall = time.monotonic() - started
+    result.assert_outcomes(passed=1)
+    inner = json.loads(out.read_text())
+    [upload] = metrics["uploads"]
+    assert upload["bytes"] == size and upload["skipped"] is False and upload["digest"] == digest
+    assert metrics["hosts"] == {"main": host.label}
+
+    # the base arrived through the storage API: in our pool, right size and digest, marked
+    vol_path = pool_dir / base_volume_name(digest)
+    assert vol_path.stat().st_size == size
+    assert _sha256(vol_path) == digest
+    mark = (pool_dir / mark_volume_name(digest)).read_text().split()
+    assert mark == [str(size), digest]
+    # the guest's disks were volumes in that pool, and its console was mirrored from one
+    for key in ("overlay", "seed", "console_path"):
+        assert Path(inner[key]).parent == pool_dir, inner
+    assert inner["console_has_kernel"], "the remote console volume never reached the mirror"
+    # ... and all three went with the VM; the base stayed
+    left = sorted(p.name for p in pool_dir.iterdir())
+    assert left == sorted([base_volume_name(digest), mark_volume_name(digest)]), left
+
+    # the guest was reached through the jump: direct-tcpip channels to its forward port
+    log = sshd.log_text()
+    channels = [line for line in log.splitlines()
+                if "server_request_direct_tcpip" in line
+                and line.rstrip().endswith(f"target 127.0.0.1 port {inner['port']}")]
+    assert len(channels) >= 2, log[-2000:]  # the runs' connections and the pasted command
+    assert log.count("server_request_direct_tcpip") > before
+
+    # 3. a second run: the pool has the digest, nothing is uploaded
+    Path("test_remote.py").unlink()
+    Path("test_second.py").write_text(SECOND)
+    result2, metrics2 = vm_suite.run(f"--flightvm-hosts={entry}")
+    result2.assert_outcomes(passed=1)
+    [upload2] = metrics2["uploads"]
+    assert upload2["bytes"] == 0 and upload2["skipped"] is True
+    assert vol_path.stat().st_size == size
+    print(f"remote run: wall {wall:.1f}s, upload {upload['seconds']}s for {size} bytes, "
+          f"second run {upload2['seconds']}s")
