@@ -1,6 +1,7 @@
 """A VM on a "remote" libvirt host: this machine over an sshd of the test's own (loopback).
 
-One module-scoped host and pool; one guest boots, and every check shares it:
+One module-scoped host and pool; one mixed ``-n 2`` run (one worker on the local host, one on
+the "remote" one, a guest each), and every check shares those two guests:
 - a kill -9 in the middle of a base upload leaves no volume a later run takes as complete
   (the next run uploads the whole base again);
 - the base arrived through the storage API: the volume is in our pool, with the base's
@@ -34,19 +35,27 @@ from pytest_flightvm.vm.volumes import HostStorage, base_volume_name, mark_volum
 from tests.remote_sshd import RemoteHost, available, start_remote_host
 
 INNER = '''
-import json, os, subprocess
+import json, os, subprocess, time
 
-def test_remote_vm(flightvm):
+def test_vm(flightvm, worker_id):
     assert flightvm.run("echo hi").stdout.strip() == "hi"
+    start = time.monotonic()
+    for _ in range(10):
+        flightvm.run("true")
+    warm = (time.monotonic() - start) / 10
+    flightvm.ssh.close()
+    start = time.monotonic()
+    flightvm.run("true")
+    cold = time.monotonic() - start
     cmd = flightvm.ssh_command()
-    assert "ProxyCommand=" in cmd
     pasted = subprocess.run(cmd + " -o BatchMode=yes -- cat /proc/sys/kernel/random/boot_id",
                             shell=True, capture_output=True, text=True, timeout=120)
     assert pasted.returncode == 0, pasted.stderr
     assert pasted.stdout.strip() == flightvm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
     console = flightvm.console_log()
-    with open(os.environ["FVM_OUT"], "w") as f:
+    with open(os.environ["FVM_OUT"] + "-" + worker_id + ".json", "w") as f:
         json.dump({"name": flightvm.name, "port": flightvm.ssh_port, "cmd": cmd,
+                   "remote": flightvm.remote, "warm": warm, "cold": cold,
                    "console_has_kernel": "Linux version" in console,
                    "overlay": str(flightvm.spec.overlay), "seed": str(flightvm.spec.seed_iso),
                    "console_path": flightvm.spec.console_path}, f)
@@ -144,19 +153,28 @@ def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
     finally:
         conn.close()
 
-    # 2. a run on the remote host: uploads the whole base again, boots, reaches the guest
+    # 2. a mixed -n 2 run, one worker per host (one slot each): the remote worker uploads the
+    # whole base again, boots there and reaches its guest; the local one runs as before
     entry = f"{host.uri}#slots=1&pool={host.pool}&pool_dir={host.pool_dir}"
-    out = vm_suite.cache_dir / "inner.json"
+    out = vm_suite.cache_dir / "inner"
     Path("test_remote.py").write_text(INNER)
     before = sshd.log_text().count("server_request_direct_tcpip")
     started = time.monotonic()
-    result, metrics = vm_suite.run(f"--flightvm-hosts={entry}", FVM_OUT=str(out))
+    result, metrics = vm_suite.run(f"--flightvm-hosts=qemu:///system#slots=1,{entry}",
+                                   "-n", "2", "--dist", "each", FVM_OUT=str(out))
     wall = time.monotonic() - started
-    result.assert_outcomes(passed=1)
-    inner = json.loads(out.read_text())
-    [upload] = metrics["uploads"]
+    result.assert_outcomes(passed=2)
+    vms = [json.loads(p.read_text()) for p in sorted(out.parent.glob("inner-gw*.json"))]
+    assert sorted(v["remote"] for v in vms) == [False, True], vms
+    inner = next(v for v in vms if v["remote"])
+    local = next(v for v in vms if not v["remote"])
+    assert sorted(metrics["hosts"].values()) == sorted([host.label, "qemu:///system"])
+    [upload] = metrics["uploads"]  # only the remote worker uploads
     assert upload["bytes"] == size and upload["skipped"] is False and upload["digest"] == digest
-    assert metrics["hosts"] == {"main": host.label}
+    # the local worker's VM: files in its VM dir, no jump (today's path)
+    assert "ProxyCommand" not in local["cmd"] and local["console_path"] is None
+    assert Path(local["overlay"]).is_relative_to(vm_suite.cache_dir / "runs")
+    assert "ProxyCommand=" in inner["cmd"]
 
     # the base arrived through the storage API: in our pool, right size and digest, marked
     vol_path = pool_dir / base_volume_name(digest)
@@ -188,5 +206,7 @@ def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
     [upload2] = metrics2["uploads"]
     assert upload2["bytes"] == 0 and upload2["skipped"] is True
     assert vol_path.stat().st_size == size
-    print(f"remote run: wall {wall:.1f}s, upload {upload['seconds']}s for {size} bytes, "
-          f"second run {upload2['seconds']}s")
+    print(f"mixed -n 2 run: wall {wall:.1f}s, upload {upload['seconds']}s for {size} bytes, "
+          f"second run {upload2['seconds']}s; ssh per command warm local {local['warm']:.3f}s "
+          f"remote {inner['warm']:.3f}s, fresh connection local {local['cold']:.3f}s "
+          f"remote {inner['cold']:.3f}s")
