@@ -206,6 +206,37 @@ def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
     [upload2] = metrics2["uploads"]
     assert upload2["bytes"] == 0 and upload2["skipped"] is True
     assert vol_path.stat().st_size == size
+    # 4. flightvm gc walks the remote host too: a VM volume left by a dead run (no domain,
+    # no run dir) goes; a volume not named like a VM's, and the base, stay
+    dead = "flightvm-250101000000-dead-gw0-1-overlay.qcow2"
+    conn = connect(host.uri)
+    try:
+        storage = HostStorage(conn, host)
+        for name in (dead, "notours.qcow2"):
+            storage.pool().createXML(f"<volume><name>{name}</name><capacity>1024</capacity>"
+                                     "<target><format type='raw'/></target></volume>", 0)
+    finally:
+        conn.close()
+    gc = subprocess.run([sys.executable, "-m", "pytest_flightvm.cli", "gc",
+                         f"--cache-dir={vm_suite.cache_dir}", f"--hosts={entry}"],
+                        capture_output=True, text=True, timeout=120)
+    assert gc.returncode == 0, gc.stderr
+    assert f"removed volume {host.pool}/{dead}" in gc.stdout, gc.stdout + gc.stderr
+    assert not (pool_dir / dead).exists() and (pool_dir / "notours.qcow2").exists()
+    assert vol_path.exists() and (pool_dir / mark_volume_name(digest)).exists()
+
+    # 5. flightvm doctor checks each host: reachable, our pool, its free disk, the accel
+    doc = subprocess.run([sys.executable, "-m", "pytest_flightvm.cli", "doctor",
+                          f"--cache-dir={vm_suite.cache_dir}",
+                          f"--hosts=qemu:///system,{entry}"],
+                         capture_output=True, text=True, timeout=120)
+    lines = doc.stdout.splitlines()
+    assert any(x.startswith("ok") and f"host {host.label}" in x and "answers" in x
+               for x in lines), doc.stdout
+    assert any(x.startswith("ok") and f"pool {host.pool}" in x and "active" in x
+               for x in lines), doc.stdout
+    assert any("accel" in x and "remote host" in x for x in lines), doc.stdout
+
     print(f"mixed -n 2 run: wall {wall:.1f}s, upload {upload['seconds']}s for {size} bytes, "
           f"second run {upload2['seconds']}s; ssh per command warm local {local['warm']:.3f}s "
           f"remote {inner['warm']:.3f}s, fresh connection local {local['cold']:.3f}s "
