@@ -358,6 +358,7 @@ class VMFactory:
 
     def _keep_console(self, machine: Machine) -> None:
         try:
+            machine.console_tail(1)  # a remote VM's console reaches its local mirror first
             logs = private_dir(self.run.run_dir / "consoles", parents=False)
             shutil.copy2(machine.spec.console_log, logs / f"{machine.name}.log")
         except (OSError, FlightVMError):

@@ -8,6 +8,7 @@ the "remote" one, a guest each), and every check shares those two guests:
   size and digest, and its completion mark;
 - the guest was reached through the jump: the test sshd's log shows the direct-tcpip
   channels to the guest's forward port, and ``vm.ssh_command()`` works from here;
+- a per-test reset on the remote host (its internal snapshot) drops the guest's changes;
 - the VM's volumes (overlay, seed, console) went with it, the base stayed;
 - a second run skipped the upload (0 bytes, the metrics say so).
 """
@@ -52,6 +53,7 @@ def test_vm(flightvm, worker_id):
                             shell=True, capture_output=True, text=True, timeout=120)
     assert pasted.returncode == 0, pasted.stderr
     assert pasted.stdout.strip() == flightvm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+    flightvm.run("echo dirty > /tmp/fvm-dirty")  # the next test's reset must drop it
     console = flightvm.console_log()
     with open(os.environ["FVM_OUT"] + "-" + worker_id + ".json", "w") as f:
         json.dump({"name": flightvm.name, "port": flightvm.ssh_port, "cmd": cmd,
@@ -59,6 +61,12 @@ def test_vm(flightvm, worker_id):
                    "console_has_kernel": "Linux version" in console,
                    "overlay": str(flightvm.spec.overlay), "seed": str(flightvm.spec.seed_iso),
                    "console_path": flightvm.spec.console_path}, f)
+
+
+def test_reset(flightvm, worker_id):
+    assert flightvm.run("test -e /tmp/fvm-dirty", check=False).returncode == 1
+    with open(os.environ["FVM_OUT"] + "-" + worker_id + "-reset.json", "w") as f:
+        json.dump({"remote": flightvm.remote}, f)
 '''
 
 SECOND = '''
@@ -163,8 +171,8 @@ def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
     result, metrics = vm_suite.run(f"--flightvm-hosts=qemu:///system#slots=1,{entry}",
                                    "-n", "2", "--dist", "each", FVM_OUT=str(out))
     wall = time.monotonic() - started
-    result.assert_outcomes(passed=2)
-    vms = [json.loads(p.read_text()) for p in sorted(out.parent.glob("inner-gw*.json"))]
+    result.assert_outcomes(passed=4)
+    vms = [json.loads(p.read_text()) for p in sorted(out.parent.glob("inner-gw?.json"))]
     assert sorted(v["remote"] for v in vms) == [False, True], vms
     inner = next(v for v in vms if v["remote"])
     local = next(v for v in vms if not v["remote"])
@@ -175,6 +183,10 @@ def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
     assert "ProxyCommand" not in local["cmd"] and local["console_path"] is None
     assert Path(local["overlay"]).is_relative_to(vm_suite.cache_dir / "runs")
     assert "ProxyCommand=" in inner["cmd"]
+    # each worker's second test ran after a reset: the remote one by its internal snapshot
+    resets = {r["vm"]: r for r in metrics["resets"]}
+    assert resets[inner["name"]]["mode"] == "internal" and resets[inner["name"]]["ok"], resets
+    assert resets[local["name"]]["ok"], resets
 
     # the base arrived through the storage API: in our pool, right size and digest, marked
     vol_path = pool_dir / base_volume_name(digest)
