@@ -107,6 +107,9 @@ def parse_hosts(raw: Any, where: str) -> tuple[Host, ...]:
         if not parts.scheme.startswith("qemu") or not parts.path.strip("/"):
             raise ConfigError(f"{where}: {item!r} is not a libvirt URI; write e.g. "
                               "qemu:///system or qemu+ssh://root@host/system#slots=4")
+        if not parts.hostname and parts.scheme != "qemu":
+            raise ConfigError(f"{where}: {item!r}: a {parts.scheme}:// URI needs a host; "
+                              "write qemu:///system for this machine")
         if parts.hostname and parts.scheme != "qemu+ssh":
             raise ConfigError(f"{where}: {item!r}: a remote host must be qemu+ssh:// (the "
                               "guest's SSH jumps through the same SSH host)")

@@ -37,6 +37,7 @@ def test_parse_entries_with_slots_pool_and_defaults() -> None:
     ("qemu:///system#cpus=2", "unknown or repeated"),
     ("qemu:///system#slots=1&slots=2", "unknown or repeated"),
     ("qemu+tcp://h/system", "must be qemu\\+ssh"),
+    ("qemu+ssh:///system", "needs a host"),
     ("http://h/", "not a libvirt URI"),
     ("qemu://", "not a libvirt URI"),
     (f"{REMOTE}#pool=default", "must start with 'flightvm'"),
