@@ -6,6 +6,7 @@ the "remote" one, a guest each), and every check shares those two guests:
   (the next run uploads the whole base again);
 - the base arrived through the storage API: the volume is in our pool, with the base's
   size and digest, and its completion mark;
+- a named host port reaches the pytest machine's 127.0.0.1 from the remote guest too;
 - the guest was reached through the jump: the test sshd's log shows the direct-tcpip
   channels to the guest's forward port, and ``vm.ssh_command()`` works from here;
 - a per-test reset on the remote host (its internal snapshot) drops the guest's changes;
@@ -36,10 +37,36 @@ from pytest_flightvm.vm.volumes import HostStorage, base_volume_name, mark_volum
 from tests.remote_sshd import RemoteHost, available, start_remote_host
 
 INNER = '''
-import json, os, subprocess, time
+import http.server, json, os, subprocess, threading, time
+
+FETCH = ("python3 -c 'import sys, urllib.request as u; "
+         "print(u.urlopen(sys.argv[1], timeout=8).read().decode().strip())' ")
+
 
 def test_vm(flightvm, worker_id):
     assert flightvm.run("echo hi").stdout.strip() == "hi"
+    # a named host port: the guest reaches this machine's 127.0.0.1, whichever host it runs on
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = ("served-to-" + worker_id).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        port = httpd.server_address[1]
+        flightvm.set_host_ports([port])
+        got = flightvm.run(FETCH + f"http://{flightvm.host_address}:{port}/", timeout=60)
+        assert got.stdout.strip() == "served-to-" + worker_id
+        flightvm.set_host_ports([])
+    finally:
+        httpd.shutdown()
     start = time.monotonic()
     for _ in range(10):
         flightvm.run("true")
