@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import Settings
-from ..errors import BootError, ConfigError, FlightVMError, KVMUnusable
+from ..errors import BootError, ConfigError, FlightVMError, KVMUnusable, LibvirtUnreachable
 from ..hosts import assign
 from ..seed.iso import write_iso
 from ..seed.render import SeedSpec, load_cloud_init_dir, merge_cloud_init_dir, render
@@ -161,7 +161,16 @@ class VMFactory:
     @property
     def conn(self) -> Any:
         if self._conn is None:
-            self._conn = connect(self.host.uri)
+            try:
+                self._conn = connect(self.host.uri)
+            except LibvirtUnreachable as exc:
+                if self.host.local:
+                    raise
+                raise LibvirtUnreachable(
+                    f"cannot reach libvirt host {self.host.label} "
+                    f"({str(exc).partition(' (')[2].rpartition(');')[0] or 'no answer'}); "
+                    "check that entry of --flightvm-hosts (user, port, keyfile) and that "
+                    "libvirtd runs there") from None
         return self._conn
 
     def prepare_host(self) -> None:

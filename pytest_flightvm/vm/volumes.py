@@ -107,9 +107,10 @@ class HostStorage:
             try:
                 pool = self.conn.storagePoolLookupByName(name)
             except libvirt.libvirtError:
+                # no <permissions>: with them, building the pool chmods a directory that
+                # already exists (measured on libvirt 9.0); without, an existing one is untouched
                 xml = (f"<pool type='dir'><name>{escape(name)}</name><target>"
-                       f"<path>{escape(self.host.pool_dir)}</path><permissions><mode>0711</mode>"
-                       "</permissions></target></pool>")
+                       f"<path>{escape(self.host.pool_dir)}</path></target></pool>")
                 pool = self.conn.storagePoolDefineXML(xml, 0)
                 pool.build(0)
                 pool.setAutostart(1)

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,8 +33,16 @@ from typing import Any
 import pytest
 
 from pytest_flightvm.hosts import Host
+from pytest_flightvm.procs import pid_namespace
+from pytest_flightvm.vm.domain import DomainSpec, Owner
 from pytest_flightvm.vm.libvirt_conn import connect
-from pytest_flightvm.vm.volumes import HostStorage, base_volume_name, mark_volume_name
+from pytest_flightvm.vm.reaper import write_run_file
+from pytest_flightvm.vm.volumes import (
+    HostStorage,
+    base_volume_name,
+    mark_volume_name,
+    vm_volume_names,
+)
 from tests.remote_sshd import RemoteHost, available, start_remote_host
 
 INNER = '''
@@ -171,6 +180,34 @@ def _kill_mid_upload(host: Host, base: Path, digest: str, pool_dir: Path) -> int
     return seen
 
 
+def _plant_dead_domain(conn: Any, host: Host, runs_dir: Path) -> tuple[str, tuple[str, ...]]:
+    """A defined (never started) domain on the host whose owner is dead, with its three
+    volumes in our pool, the way a kill -9 of a run leaves one."""
+    child = subprocess.Popen(["true"])
+    child.wait()  # a pid that is gone
+    run_id = "250101000000-dead"
+    run_dir = runs_dir / run_id
+    name = f"flightvm-{run_id}-gw0-2"
+    vm_dir = run_dir / "vms" / name
+    vm_dir.mkdir(parents=True)
+    write_run_file(run_dir, pid=child.pid)  # the run's owner: that dead pid
+    vols = vm_volume_names(name)
+    storage = HostStorage(conn, host)
+    paths = []
+    for vol in vols:
+        made = storage.pool().createXML(f"<volume><name>{vol}</name><capacity>1024</capacity>"
+                                        "<target><format type='raw'/></target></volume>", 0)
+        paths.append(made.path())
+    owner = Owner(run_id, child.pid, "", socket.gethostname(), "gw0", str(run_dir),
+                  pid_namespace())
+    spec = DomainSpec(name=name, overlay=Path(paths[0]), seed_iso=Path(paths[1]),
+                      console_log=vm_dir / "console.log", ssh_port=1, mac="52:54:00:00:00:02",
+                      owner=owner, files=(vm_dir,), console_path=paths[2], pool=host.pool,
+                      volumes=vols)
+    conn.defineXML(spec.to_xml())
+    return name, vols
+
+
 def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
                              remote: tuple[RemoteHost, Host, Path]) -> None:
     sshd, host, pool_dir = remote
@@ -245,11 +282,13 @@ def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
     [upload2] = metrics2["uploads"]
     assert upload2["bytes"] == 0 and upload2["skipped"] is True
     assert vol_path.stat().st_size == size
-    # 4. flightvm gc walks the remote host too: a VM volume left by a dead run (no domain,
-    # no run dir) goes; a volume not named like a VM's, and the base, stay
+    # 4. flightvm gc walks the remote host too: a dead run's domain goes with its volumes; a
+    # VM volume left by a dead run with no domain goes; a volume not named like a VM's, and
+    # the base, stay
     dead = "flightvm-250101000000-dead-gw0-1-overlay.qcow2"
     conn = connect(host.uri)
     try:
+        dead_dom, dead_vols = _plant_dead_domain(conn, host, vm_suite.cache_dir / "runs")
         storage = HostStorage(conn, host)
         for name in (dead, "notours.qcow2"):
             storage.pool().createXML(f"<volume><name>{name}</name><capacity>1024</capacity>"
@@ -261,6 +300,14 @@ def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
                         capture_output=True, text=True, timeout=120)
     assert gc.returncode == 0, gc.stderr
     assert f"removed volume {host.pool}/{dead}" in gc.stdout, gc.stdout + gc.stderr
+    assert f"removed domain {dead_dom}" in gc.stdout, gc.stdout + gc.stderr
+    assert not any((pool_dir / v).exists() for v in dead_vols), sorted(os.listdir(pool_dir))
+    assert not (vm_suite.cache_dir / "runs" / "250101000000-dead").exists()
+    conn = connect(host.uri)
+    try:
+        assert dead_dom not in [d.name() for d in conn.listAllDomains(0)]
+    finally:
+        conn.close()
     assert not (pool_dir / dead).exists() and (pool_dir / "notours.qcow2").exists()
     assert vol_path.exists() and (pool_dir / mark_volume_name(digest)).exists()
 
