@@ -390,17 +390,22 @@ class Machine:
     def _start_streaming(self, out: TextIO) -> None:
         self._streamer = threading.Thread(
             target=follow_console, args=(self.spec.console_log, self.name, out, self._stop_stream),
+            kwargs={"pull": self._pull_console if self.remote else None},
             name=f"console-{self.name}", daemon=True)
         self._streamer.start()
 
 
 def follow_console(path: Path, name: str, out: TextIO, stop: threading.Event,
-                   interval: float = 0.5) -> None:
+                   interval: float = 0.5, pull: Callable[[], None] | None = None) -> None:
     """Copy the console log at ``path`` to ``out`` as it grows, each line as ``[name] line``,
-    until ``stop`` is set; then one last read, so the tail is never lost."""
+    until ``stop`` is set; then one last read, so the tail is never lost. ``pull`` first
+    brings a remote VM's console into the local mirror at ``path``."""
     pos, carry = 0, b""
     while True:
         stopping = stop.is_set()
+        if pull is not None:
+            with contextlib.suppress(Exception):  # a host that went away: nothing new to show
+                pull()
         try:
             with open(path, "rb") as f:
                 f.seek(pos)

@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -337,9 +337,15 @@ class VMVolumes:
     overlay: str
     seed: str
     console: str
+    _pulling: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def pull_console(self, local: Path) -> None:
-        """Append what the host's console volume gained since ``local``'s size."""
+        """Append what the host's console volume gained since ``local``'s size (one puller
+        at a time: readiness and the live console stream both call this)."""
+        with self._pulling:
+            self._pull(local)
+
+    def _pull(self, local: Path) -> None:
         vol = self.storage.lookup(self.vm_name + "-console.log")
         if vol is None:
             return

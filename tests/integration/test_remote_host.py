@@ -10,6 +10,7 @@ the "remote" one, a guest each), and every check shares those two guests:
 - the guest was reached through the jump: the test sshd's log shows the direct-tcpip
   channels to the guest's forward port, and ``vm.ssh_command()`` works from here;
 - a per-test reset on the remote host (its internal snapshot) drops the guest's changes;
+- both consoles stream live (--flightvm-console), the remote one pulled from its volume;
 - the VM's volumes (overlay, seed, console) went with it, the base stayed;
 - a second run skipped the upload (0 bytes, the metrics say so).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -233,7 +235,8 @@ def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
     before = sshd.log_text().count("server_request_direct_tcpip")
     started = time.monotonic()
     result, metrics = vm_suite.run(f"--flightvm-hosts=qemu:///system#slots=1,{entry}",
-                                   "-n", "2", "--dist", "each", FVM_OUT=str(out))
+                                   "-n", "2", "--dist", "each", FVM_OUT=str(out),
+                                   DEBUG_VM_CONSOLE="1")
     wall = time.monotonic() - started
     result.assert_outcomes(passed=4)
     vms = [json.loads(p.read_text()) for p in sorted(out.parent.glob("inner-gw?.json"))]
@@ -247,6 +250,11 @@ def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
     assert "ProxyCommand" not in local["cmd"] and local["console_path"] is None
     assert Path(local["overlay"]).is_relative_to(vm_suite.cache_dir / "runs")
     assert "ProxyCommand=" in inner["cmd"]
+    # --flightvm-console streamed both consoles live, the remote one pulled from its volume
+    err = result.stderr.str()
+    for marker in (r"\[ +0\.0+\] Linux version", r"Cloud-init v\. \S+ finished"):
+        streamed = set(re.findall(rf"^\[(\S+)\] .*{marker}", err, re.M))
+        assert streamed == {inner["name"], local["name"]}, (marker, err[-2000:])
     # each worker's second test ran after a reset: the remote one by its internal snapshot
     resets = {r["vm"]: r for r in metrics["resets"]}
     assert resets[inner["name"]]["mode"] == "internal" and resets[inner["name"]]["ok"], resets
