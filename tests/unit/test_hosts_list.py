@@ -143,3 +143,30 @@ def test_volume_names() -> None:
     assert mark_volume_name(digest) == "sha256-" + "ab" * 32 + ".ok"
     assert vm_volume_names("flightvm-x") == ("flightvm-x-overlay.qcow2", "flightvm-x-seed.iso",
                                              "flightvm-x-console.log")
+
+
+def test_plugin_takes_the_option_ini_and_env(pytester: pytest.Pytester,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLIGHTVM_HOSTS", "qemu:///session#slots=7")
+    pytester.makeini("[pytest]\nflightvm_hosts = qemu:///system#slots=2, "
+                     "qemu+ssh://root@h1/system#slots=4\n")
+    pytester.makepyfile("""
+        def test_s(flightvm_settings):
+            assert [(h.uri, h.slots) for h in flightvm_settings.host_list] == [
+                ("qemu:///system", 2), ("qemu+ssh://root@h1/system", 4)]
+    """)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    result = pytester.runpytest_subprocess("--flightvm-hosts=qemu:///session#slots=3",
+                                           "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)  # the CLI wins over the ini
+    result.stdout.fnmatch_lines(["*qemu:///session*3*"])
+
+
+def test_plugin_bad_host_list_is_a_one_line_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(flightvm): pass")
+    result = pytester.runpytest_subprocess("--flightvm-hosts=qemu+tcp://h1/system",
+                                           "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: flightvm: --flightvm-hosts: 'qemu+tcp://h1/system': "
+                                 "a remote host must be qemu+ssh://*"])
+    assert "Traceback" not in result.stderr.str()
