@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import Settings
-from ..errors import BootError, ConfigError, FlightVMError, KVMUnusable, LibvirtUnreachable
+from ..errors import (
+    BootError,
+    ConfigError,
+    FlightVMError,
+    HostPortTaken,
+    KVMUnusable,
+    LibvirtUnreachable,
+)
 from ..hosts import assign
 from ..seed.iso import write_iso
 from ..seed.render import SeedSpec, load_cloud_init_dir, merge_cloud_init_dir, render
@@ -41,6 +48,8 @@ from .volumes import BaseVolume, HostStorage, VMVolumes
 log = logging.getLogger("flightvm")
 
 USERNAME = "flightvm"
+#: Ports tried for one VM on a remote host before giving up (see _boot_on_a_free_port).
+PORT_TRIES = 3
 
 
 def new_run_id() -> str:
@@ -232,15 +241,29 @@ class VMFactory:
             accel, probation = ("kvm" if self.settings.accel == "kvm" else "tcg"), False
         self._check_hardware(accel)
         try:
-            machine = self._boot(name, request, accel, probation)
+            machine = self._boot_on_a_free_port(name, request, accel, probation)
         except KVMUnusable as exc:
             accel_mod.save_verdict(accel_mod.host_state_dir(), "tcg", str(exc))
             self.notice(f"flightvm: KVM cannot run guests on this host ({exc}); "
                         "falling back to TCG (verdict remembered)")
-            machine = self._boot(name, request, "tcg", False)
+            machine = self._boot_on_a_free_port(name, request, "tcg", False)
         if probation and machine.accel == "kvm":
             accel_mod.save_verdict(accel_mod.host_state_dir(), "kvm", "a guest booted under KVM")
         return machine
+
+    def _boot_on_a_free_port(self, name: str, request: VMRequest, accel: str,
+                             probation: bool) -> Machine:
+        """``_boot``; on a remote host whose QEMU found the SSH port taken there (we pick it
+        free here), again with another port, up to PORT_TRIES times."""
+        for attempt in range(1, PORT_TRIES + 1):
+            try:
+                return self._boot(name, request, accel, probation)
+            except HostPortTaken as exc:
+                if attempt == PORT_TRIES:
+                    raise HostPortTaken(f"{exc}, and on {PORT_TRIES - 1} other port(s); "
+                                        "free some ports on that host") from None
+                self.notice(f"flightvm: {exc}; trying another port")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _check_hardware(self, accel: str) -> None:
         """Firmware files, swtpm and the CPU model, once, before the first VM starts."""
@@ -318,7 +341,7 @@ class VMFactory:
                 install_host_alias(machine.run, self.settings.host_alias, HOST_ADDRESS)
             machine.set_host_ports(request.host_ports if request.host_ports is not None
                                    else self.settings.host_ports)
-        except KVMUnusable:
+        except (KVMUnusable, HostPortTaken):
             self.discard(machine, port=port)
             raise
         except BootError as exc:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ..errors import BootError, GuestCommandError, KVMUnusable, LibvirtError
+from ..errors import BootError, GuestCommandError, HostPortTaken, KVMUnusable, LibvirtError
 from .accel import KVM_PROGRESS_SECONDS
 from .disk import create_overlay
 from .domain import DomainSpec
@@ -181,6 +181,9 @@ class Machine:
         except libvirt.libvirtError as exc:
             if self.kvm_probation:
                 raise KVMUnusable(f"KVM refused to start a guest: {error_text(exc)}") from None
+            if self.remote and "Could not set up host forwarding rule" in error_text(exc):
+                raise HostPortTaken(f"port {self.ssh_port} is taken on the libvirt host of "
+                                    f"{self.name}") from None
             raise LibvirtError(f"libvirt could not start {self.name}: {error_text(exc)}") from None
         if self.console_out is not None:
             self._start_streaming(self.console_out)

@@ -6,6 +6,7 @@ the "remote" one, a guest each), and every check shares those two guests:
   (the next run uploads the whole base again);
 - the base arrived through the storage API: the volume is in our pool, with the base's
   size and digest, and its completion mark;
+- a port taken on the remote host (QEMU cannot bind the forward there) is retried;
 - a named host port reaches the pytest machine's 127.0.0.1 from the remote guest too;
 - the guest was reached through the jump: the test sshd's log shows the direct-tcpip
   channels to the guest's forward port, and ``vm.ssh_command()`` works from here;
@@ -105,6 +106,40 @@ def test_reset(flightvm, worker_id):
     assert flightvm.run("test -e /tmp/fvm-dirty", check=False).returncode == 1
     with open(os.environ["FVM_OUT"] + "-" + worker_id + "-reset.json", "w") as f:
         json.dump({"remote": flightvm.remote}, f)
+'''
+
+# The remote worker's first SSH port is one this process holds: QEMU on the "remote" host
+# (this machine) cannot bind it, and the factory must try another port.
+CONFTEST = '''
+import json, os, socket
+import pytest
+import pytest_flightvm.vm.factory as factory_mod
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _block_first_remote_port(_flightvm_core, worker_id):
+    if _flightvm_core.host.local:
+        yield
+        return
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    blocked = held.getsockname()[1]
+    real = factory_mod.reserve_port
+    calls = []
+
+    def first_one_blocked(*args):
+        calls.append(1)
+        return blocked if len(calls) == 1 else real(*args)
+
+    factory_mod.reserve_port = first_one_blocked
+    with open(os.environ["FVM_OUT"] + "-blocked.json", "w") as f:
+        json.dump({"worker": worker_id, "port": blocked}, f)
+    try:
+        yield
+    finally:
+        factory_mod.reserve_port = real
+        held.close()
 '''
 
 SECOND = '''
@@ -232,6 +267,7 @@ def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
     entry = f"{host.uri}#slots=1&pool={host.pool}&pool_dir={host.pool_dir}"
     out = vm_suite.cache_dir / "inner"
     Path("test_remote.py").write_text(INNER)
+    Path("conftest.py").write_text(CONFTEST)
     before = sshd.log_text().count("server_request_direct_tcpip")
     started = time.monotonic()
     result, metrics = vm_suite.run(f"--flightvm-hosts=qemu:///system#slots=1,{entry}",
@@ -250,6 +286,11 @@ def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
     assert "ProxyCommand" not in local["cmd"] and local["console_path"] is None
     assert Path(local["overlay"]).is_relative_to(vm_suite.cache_dir / "runs")
     assert "ProxyCommand=" in inner["cmd"]
+    # its first port was taken on the host: QEMU failed to bind it, another port was used
+    blocked = json.loads((out.parent / "inner-blocked.json").read_text())["port"]
+    assert inner["port"] != blocked
+    assert f"flightvm: port {blocked} is taken on the libvirt host of" in result.stderr.str() \
+        + result.stdout.str()
     # --flightvm-console streamed both consoles live, the remote one pulled from its volume
     err = result.stderr.str()
     for marker in (r"\[ +0\.0+\] Linux version", r"Cloud-init v\. \S+ finished"):
@@ -284,6 +325,7 @@ def test_vm_on_a_remote_host(vm_suite: Any, base_in_registry: dict[str, Any],
 
     # 3. a second run: the pool has the digest, nothing is uploaded
     Path("test_remote.py").unlink()
+    Path("conftest.py").unlink()
     Path("test_second.py").write_text(SECOND)
     result2, metrics2 = vm_suite.run(f"--flightvm-hosts={entry}")
     result2.assert_outcomes(passed=1)
