@@ -160,7 +160,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "gc":
         from .vm.reaper import reap
 
-        done = reap(settings.libvirt_uri, settings.runs_dir, dry_run=args.dry_run,
+        hosts = settings.host_list
+        done = reap(tuple(h.uri for h in hosts), settings.runs_dir, dry_run=args.dry_run,
+                    pools=tuple(h.pool for h in hosts if not h.local),
                     names=tuple(n if n.startswith("flightvm-") else f"flightvm-{n}"
                                 for n in args.name), log=_err)
         for item in done:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .hosts import Host, parse_hosts
 
 ACCELS = ("auto", "kvm", "tcg")
 KEEPS = ("never", "on-failure", "always")
@@ -42,7 +43,7 @@ class Option:
     cli: str | None = None  # --flightvm-... (pytest); the flightvm CLI uses ``cli_short``
     ini: str | None = None
     env: tuple[str, ...] = ()
-    kind: str = "str"  # str | path | bool | int | float | choice | linelist | ports | hostname
+    kind: str = "str"  # str | path | bool | int | float | choice | linelist | ports | hostname | hosts
     choices: tuple[str, ...] = ()
     cli_short: str | None = None  # flag name on the ``flightvm`` CLI
     metavar: str = ""  # the value's name in --help (choices are listed instead)
@@ -88,6 +89,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("libvirt_uri", "libvirt connection URI", "--flightvm-libvirt-uri", "flightvm_libvirt_uri",
            ("LIBVIRT_DEFAULT_URI",), cli_short="--libvirt-uri",
            metavar="URI", default="qemu:///system as root, else qemu:///session"),
+    Option("hosts", "libvirt hosts to spread VMs over: URI[#slots=N][&pool=NAME][&pool_dir=DIR],...",
+           "--flightvm-hosts", "flightvm_hosts", ("FLIGHTVM_HOSTS",), kind="hosts",
+           cli_short="--hosts",
+           metavar="LIST", default="the one host of --flightvm-libvirt-uri"),
     Option("accel", "auto, kvm or tcg", "--flightvm-accel", "flightvm_accel", ("FLIGHTVM_ACCEL",),
            kind="choice", choices=ACCELS, cli_short="--accel",
            default="auto"),
@@ -220,6 +225,7 @@ class Settings:
     plain_http: bool = False
     compress: str = "auto"
     libvirt_uri: str = field(default_factory=_default_uri)
+    hosts: tuple[Host, ...] = ()  # empty: the one host of libvirt_uri
     accel: str = "auto"
     vm_config: Path | None = None
     cloud_init_dir: Path | None = None
@@ -247,6 +253,11 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def host_list(self) -> tuple[Host, ...]:
+        """The hosts VMs go to: ``--flightvm-hosts``, else the local ``libvirt_uri``."""
+        return self.hosts or (Host(self.libvirt_uri),)
 
     @property
     def store_dir(self) -> Path:
@@ -321,6 +332,8 @@ def _convert(opt: Option, raw: Any, where: str, rootdir: Path) -> Any:
         return parse_ports(raw, where)
     if opt.kind == "hostname":
         return parse_hostname(raw, where)
+    if opt.kind == "hosts":
+        return parse_hosts(raw, where)
     if opt.kind == "linelist":
         if isinstance(raw, str):
             raw = raw.splitlines()

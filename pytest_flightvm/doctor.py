@@ -15,6 +15,7 @@ from typing import TextIO
 
 from .config import Settings, cli_terms
 from .errors import FlightVMError
+from .hosts import Host
 
 MIN_FREE_GIB = 5
 
@@ -47,6 +48,46 @@ def _libvirt(settings: Settings) -> Check:
     finally:
         conn.close()
     return Check("libvirt", True, detail)
+
+
+def _remote_host(host: Host) -> list[Check]:
+    """One remote libvirt host: reachable, our pool present, its free disk, the accel used."""
+    import libvirt
+
+    from .vm.libvirt_conn import connect, error_text
+
+    label = host.label
+    try:
+        conn = connect(host.uri)
+    except FlightVMError as exc:
+        return [Check(f"host {label}", False, str(exc),
+                      "check the URI, its keyfile and that libvirtd runs on that host")]
+    try:
+        ver = conn.getLibVersion()
+        out = [Check(f"host {label}", True, f"answers (libvirt {ver // 1000000}."
+                     f"{ver // 1000 % 1000}, slots {host.slots})")]
+        try:
+            pool = conn.storagePoolLookupByName(host.pool)
+            if pool.isActive():
+                pool.refresh(0)
+            _state, _cap, _alloc, avail = pool.info()
+            free = avail / 2**30
+            out.append(Check(f"  pool {host.pool}", pool.isActive() == 1,
+                             f"{'active' if pool.isActive() else 'inactive'}, {free:.1f} GiB free",
+                             f"virsh -c '{host.uri}' pool-start {host.pool}"))
+            if pool.isActive():
+                out.append(Check("  disk", free >= MIN_FREE_GIB, f"{free:.1f} GiB free in the pool",
+                                 f"free space on that host (need {MIN_FREE_GIB} GiB)"))
+        except libvirt.libvirtError as exc:
+            out.append(Check(f"  pool {host.pool}", True,
+                             f"absent ({error_text(exc)}); the first run defines it at "
+                             f"{host.pool_dir}"))
+        # the local KVM verdict says nothing about that host: remote VMs run TCG under auto
+        out.append(Check("  accel", True, "tcg (auto on a remote host; pass --flightvm-accel "
+                         "kvm where that host's KVM works)"))
+        return out
+    finally:
+        conn.close()
 
 
 def _image_dir(settings: Settings) -> Check:
@@ -134,7 +175,11 @@ def run_checks(settings: Settings) -> list[Check]:
     ]
     if not settings.build_cmd:
         checks.append(lambda: _tool("mmdebstrap", "mmdebstrap"))
-    return [c() for c in checks]
+    results = [c() for c in checks]
+    for host in settings.host_list:
+        if not host.local:
+            results += _remote_host(host)
+    return results
 
 
 def run_doctor(settings: Settings, out: TextIO) -> int:

@@ -84,6 +84,15 @@ class LibvirtUnreachable(LibvirtError):
     daemon is down, which no change to the command line fixes."""
 
 
+class HostStorageError(LibvirtError):
+    """A libvirt host's storage pool refused or lost a volume (remote hosts, vm/volumes.py)."""
+
+
+class HostPortTaken(LibvirtError):
+    """QEMU could not bind the SSH forward's port on a remote libvirt host (the port is
+    picked free on this machine, and bound on that one); the factory tries another."""
+
+
 class BootError(FlightVMError):
     """A guest failed to become ready."""
 

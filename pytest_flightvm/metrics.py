@@ -46,6 +46,8 @@ def write_worker_metrics(run: RunContext, image: Any, factory: VMFactory,
                       "digest": getattr(image, "digest", None),
                       "seconds": getattr(image, "seconds", None),
                       "bytes": getattr(image, "bytes_moved", None)},
+            "host": factory.host.label,
+            "uploads": list(factory.uploads),
             "vms": vms,
             "resets": resets or []}
     path = out / f"{run.worker}.json"
@@ -73,6 +75,8 @@ def aggregate(run: RunContext) -> dict[str, Any]:
     resolves = read_resolves(run.run_dir)
     vms: list[dict[str, Any]] = []
     resets: list[dict[str, Any]] = []
+    uploads: list[dict[str, Any]] = []
+    hosts: dict[str, str] = {}
     workers = []
     for path in sorted((run.run_dir / "metrics").glob("*.json")):
         try:
@@ -82,6 +86,9 @@ def aggregate(run: RunContext) -> dict[str, Any]:
         workers.append(data["worker"])
         vms.extend(data.get("vms", []))
         resets.extend(data.get("resets", []))
+        uploads.extend(data.get("uploads", []))
+        if data.get("host"):
+            hosts[data["worker"]] = data["host"]
     reverts = [s for vm in vms for s in vm.get("revert_seconds", [])]
     return {
         "run_id": run.run_id,
@@ -91,4 +98,7 @@ def aggregate(run: RunContext) -> dict[str, Any]:
         "vms": vms,
         "revert_seconds": reverts,
         "resets": resets,  # one entry per reset, with the test it ran before
+        "hosts": hosts,  # worker -> libvirt host (URI without its query)
+        # base uploads to remote hosts: bytes 0 and skipped true when the pool had the digest
+        "uploads": uploads,
     }

@@ -346,7 +346,9 @@ def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
 
     emit = _progress(pytestconfig)
     with _one_line_errors():
-        reap(flightvm_settings.libvirt_uri, flightvm_settings.runs_dir, log=emit)
+        hosts = flightvm_settings.host_list
+        reap(tuple(h.uri for h in hosts), flightvm_settings.runs_dir, log=emit,
+             pools=tuple(h.pool for h in hosts if not h.local))
 
     def user_data_hook(name: str, user_data: dict[str, Any]) -> None:
         pytestconfig.hook.pytest_flightvm_user_data(config=pytestconfig, vm_name=name,
@@ -358,6 +360,11 @@ def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
                             console_out=pytestconfig.stash.get(_console_out_key, None),
                             progress=_BootStatus(pytestconfig, flightvm_settings.console),
                             base_digest=getattr(flightvm_image, "digest", None) or None)
+        try:
+            factory.prepare_host()  # a remote host gets the base now (once per digest per host)
+        except BaseException:
+            factory.close()
+            raise
     yield factory
     factory.close()
     write_worker_metrics(flightvm_run, flightvm_image, factory,

@@ -16,7 +16,7 @@ REGISTRY_DIR=${FLIGHTVM_REGISTRY_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/flightvm-r
 PACKAGES=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
   seabios ovmf libvirt-dev pkg-config gcc docker-registry mmdebstrap e2fsprogs fdisk
-  grub-pc-bin grub2-common openssh-client xorriso curl zstd apache2-utils dpkg-dev openssl
+  grub-pc-bin grub2-common openssh-client openssh-server xorriso curl zstd apache2-utils dpkg-dev openssl
   ca-certificates util-linux time swtpm swtpm-tools dosfstools mtools
 )
 

@@ -100,6 +100,11 @@ class DomainSpec:
     # False: slirp's restrict=on, the guest reaches nothing on the host or beyond it
     # (DHCP and the SSH hostfwd still work); True: --flightvm-guest-outbound.
     outbound: bool = False
+    # On a remote host (vm/volumes.py): the console volume the serial port appends to
+    # (console_log is then the local mirror), and the pool volumes that go with the VM.
+    console_path: str | None = None
+    pool: str | None = None
+    volumes: tuple[str, ...] = ()
 
     def _os_xml(self) -> str:
         fw = self.firmware
@@ -139,6 +144,8 @@ class DomainSpec:
       <readonly/>
     </disk>"""
         files = "".join(f"<flightvm:file>{escape(str(p))}</flightvm:file>" for p in self.files)
+        files += "".join(f"<flightvm:volume pool={quoteattr(self.pool or '')}>{escape(v)}"
+                         "</flightvm:volume>" for v in self.volumes)
         o = self.owner
         netdev = netdev_arg(self.ssh_port, outbound=self.outbound)
         # romfile= skips the iPXE option ROM: we never network-boot.
@@ -177,7 +184,7 @@ class DomainSpec:
     </disk>
     <controller type='scsi' model='virtio-scsi'/>{seed}
     <serial type='pty'>
-      <log file={quoteattr(str(self.console_log))} append='on'/>
+      <log file={quoteattr(self.console_path or str(self.console_log))} append='on'/>
       <target port='0'/>
     </serial>
     <channel type='unix'>
@@ -209,6 +216,7 @@ class DomainInfo:
     run_dir: str
     files: tuple[str, ...]
     pid_ns: str = ""
+    volumes: tuple[tuple[str, str], ...] = ()  # (pool, volume) on the domain's host
 
 
 def parse_metadata(name: str, xml: str) -> DomainInfo | None:
@@ -232,5 +240,7 @@ def parse_metadata(name: str, xml: str) -> DomainInfo | None:
     except ValueError:
         return None
     files = tuple((el.text or "").strip() for el in vm.findall(f"{{{METADATA_NS}}}file"))
+    volumes = tuple((el.get("pool", ""), (el.text or "").strip())
+                    for el in vm.findall(f"{{{METADATA_NS}}}volume"))
     return DomainInfo(name, text("run-id"), pid, text("owner-start"), text("owner-host"),
-                      text("run-dir"), files, text("owner-pidns"))
+                      text("run-dir"), files, text("owner-pidns"), volumes)

@@ -23,7 +23,15 @@ from typing import Any, TextIO
 
 from .. import artifacts
 from ..config import Settings
-from ..errors import BootError, ConfigError, FlightVMError, KVMUnusable
+from ..errors import (
+    BootError,
+    ConfigError,
+    FlightVMError,
+    HostPortTaken,
+    KVMUnusable,
+    LibvirtUnreachable,
+)
+from ..hosts import assign
 from ..seed.iso import write_iso
 from ..seed.render import SeedSpec, load_cloud_init_dir, merge_cloud_init_dir, render
 from ..statedir import ensure_cache_dir, private_dir
@@ -42,6 +50,7 @@ from .reaper import KEPT_MARKER
 from .savefile import read_header, retarget_xml, write_retargeted
 from .ssh import Login, SSHClient, generate_keypair, write_askpass
 from .statecache import SavedState
+from .volumes import BaseVolume, HostStorage, VMVolumes
 
 log = logging.getLogger("flightvm")
 
@@ -73,6 +82,8 @@ def _read_lines(path: Path | None) -> list[str]:
         return path.read_text().splitlines() if path is not None else []
     except OSError:
         return []
+#: Ports tried for one VM on a remote host before giving up (see _boot_on_a_free_port).
+PORT_TRIES = 3
 
 
 def new_run_id() -> str:
@@ -91,6 +102,16 @@ class RunContext:
     @classmethod
     def create(cls, settings: Settings, run_id: str, worker: str) -> RunContext:
         return cls(run_id, make_run_dir(settings.runs_dir, run_id), worker)
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * 2**20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 def make_run_dir(runs_dir: Path, run_id: str) -> Path:
@@ -136,8 +157,18 @@ class VMFactory:
         base_digest: str | None = None,
     ) -> None:
         self.settings = settings
+        # The libvirt host of this worker: the one local host unless --flightvm-hosts lists
+        # more, then the one with the most free slots, picked under the run's lock.
+        self.host, over = assign(settings.host_list, run.run_dir, run.worker)
+        if over:
+            notice(f"flightvm: every host slot is taken; worker {run.worker} shares "
+                   f"{self.host.label} (add #slots=N or hosts to --flightvm-hosts)")
         self.progress = progress  # hears each booting VM's stage (a live status line)
         self.base_digest = base_digest  # in the state key; None: the base file's identity
+        self._storage: HostStorage | None = None
+        self._base_volume: BaseVolume | None = None
+        # base uploads to the remote host: one entry per factory (bytes 0 = already there)
+        self.uploads: list[dict[str, Any]] = []
         # --flightvm-console: where guest consoles stream live (the plugin hands over a
         # copy of the terminal's stderr taken before pytest's capture)
         self.console_out = (console_out or sys.__stderr__) if settings.console else None
@@ -178,8 +209,51 @@ class VMFactory:
     @property
     def conn(self) -> Any:
         if self._conn is None:
-            self._conn = connect(self.settings.libvirt_uri)
+            try:
+                self._conn = connect(self.host.uri)
+            except LibvirtUnreachable as exc:
+                if self.host.local:
+                    raise
+                raise LibvirtUnreachable(
+                    f"cannot reach libvirt host {self.host.label} "
+                    f"({str(exc).partition(' (')[2].rpartition(');')[0] or 'no answer'}); "
+                    "check that entry of --flightvm-hosts (user, port, keyfile) and that "
+                    "libvirtd runs there") from None
         return self._conn
+
+    def prepare_host(self) -> None:
+        """On a remote host: its pool and the base (uploaded once per digest), before the
+        first VM; a local host needs nothing."""
+        if self.host.local:
+            return
+        self._check_remote()
+        if self._storage is None:
+            self._storage = HostStorage(self.conn, self.host,
+                                        lock_dir=self.settings.cache_dir / "host-locks")
+        if self._base_volume is None:
+            digest = self.base_digest or _file_digest(self.base_image)
+            base = self._storage.ensure_base(self.base_image, digest)
+            self._base_volume = base
+            self.uploads.append({"host": self.host.label, "pool": self.host.pool,
+                                 "digest": digest, "bytes": base.uploaded_bytes,
+                                 "seconds": round(base.seconds, 3),
+                                 "skipped": base.uploaded_bytes == 0})
+            if base.uploaded_bytes:
+                self.notice(f"flightvm: uploaded the base ({base.uploaded_bytes / 2**20:.0f} MiB) "
+                            f"to {self.host.label} pool {self.host.pool} in {base.seconds:.1f}s")
+
+    def _remote_volumes(self, name: str, iso: Path) -> VMVolumes:
+        """On a remote host: the base (uploaded once per digest), then this VM's volumes."""
+        self.prepare_host()
+        assert self._storage is not None and self._base_volume is not None
+        return self._storage.create_vm_volumes(name, self._base_volume, iso)
+
+    def _check_remote(self) -> None:
+        s = self.settings
+        if s.firmware != "bios" or s.tpm:
+            raise ConfigError(f"{self.host.label}: VMs on a remote libvirt host run BIOS "
+                              "firmware without a TPM for now; drop --flightvm-firmware/"
+                              "--flightvm-tpm or use a local host")
 
     def _next_name(self) -> str:
         with self._lock:
@@ -197,24 +271,45 @@ class VMFactory:
             raise ConfigError(f"VM name {name!r} is longer than 63 characters; pass a shorter name")
         if (problem := vm_name_problem(name)) is not None:
             raise ConfigError(f"VM name {name!r} {problem}; pass another name")
-        accel, probation = accel_mod.initial_choice(self.settings.accel, accel_mod.host_state_dir())
+        if self.host.local:
+            accel, probation = accel_mod.initial_choice(self.settings.accel,
+                                                        accel_mod.host_state_dir())
+        else:
+            # the KVM verdict on file is this machine's, not the remote host's
+            self._check_remote()
+            accel, probation = ("kvm" if self.settings.accel == "kvm" else "tcg"), False
         self._check_hardware(accel)
         try:
-            machine = self._boot(name, request, accel, probation)
+            machine = self._boot_on_a_free_port(name, request, accel, probation)
         except KVMUnusable as exc:
             accel_mod.save_verdict(accel_mod.host_state_dir(), "tcg", str(exc))
             self.notice(f"flightvm: KVM cannot run guests on this host ({exc}); "
                         "falling back to TCG (verdict remembered)")
-            machine = self._boot(name, request, "tcg", False)
+            machine = self._boot_on_a_free_port(name, request, "tcg", False)
         if probation and machine.accel == "kvm":
             accel_mod.save_verdict(accel_mod.host_state_dir(), "kvm", "a guest booted under KVM")
         return machine
+
+    def _boot_on_a_free_port(self, name: str, request: VMRequest, accel: str,
+                             probation: bool) -> Machine:
+        """``_boot``; on a remote host whose QEMU found the SSH port taken there (we pick it
+        free here), again with another port, up to PORT_TRIES times."""
+        for attempt in range(1, PORT_TRIES + 1):
+            try:
+                return self._boot(name, request, accel, probation)
+            except HostPortTaken as exc:
+                if attempt == PORT_TRIES:
+                    raise HostPortTaken(f"{exc}, and on {PORT_TRIES - 1} other port(s); "
+                                        "free some ports on that host") from None
+                self.notice(f"flightvm: {exc}; trying another port")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _check_hardware(self, accel: str) -> None:
         """Firmware files, swtpm and the CPU model, once, before the first VM starts."""
         if self._hardware_checked:
             return
-        fw_mod.check_host(self.firmware, tpm=self.settings.tpm)
+        if self.host.local:  # firmware files and swtpm on this machine
+            fw_mod.check_host(self.firmware, tpm=self.settings.tpm)
         if self.settings.cpu:
             usable = fw_mod.check_cpu(self.conn, self.settings.cpu, accel=accel,
                                       emulator=DomainSpec.emulator)
@@ -237,7 +332,19 @@ class VMFactory:
         self._write_seed(name, mac, request, iso, host_key)
         overlay = vm_dir / "overlay.qcow2"
         console = vm_dir / "console.log"
-        nvram = fw_mod.new_nvram(self.firmware, vm_dir / "nvram.fd")
+        volumes: VMVolumes | None = None
+        remote: dict[str, Any] = {}
+        if not self.host.local:
+            try:
+                volumes = self._remote_volumes(name, iso)
+            except BaseException:
+                release_port(None, port)
+                raise
+            overlay, iso = Path(volumes.overlay), Path(volumes.seed)
+            remote = {"console_path": volumes.console, "pool": self.host.pool,
+                      "volumes": tuple(Path(p).name for p in
+                                       (volumes.overlay, volumes.seed, volumes.console))}
+        nvram = fw_mod.new_nvram(self.firmware, vm_dir / "nvram.fd") if volumes is None else None
         spec = DomainSpec(
             name=name, overlay=overlay, seed_iso=iso, console_log=console, ssh_port=port,
             mac=mac, owner=Owner.current(self.run.run_id, self.run.worker, self.run.run_dir),
@@ -246,20 +353,21 @@ class VMFactory:
             files=(vm_dir,), firmware=self.firmware, nvram=nvram, tpm=self.settings.tpm,
             cpu_model=self.settings.cpu,
             outbound=self.settings.guest_outbound,
+            **remote,
         )
         ssh = SSHClient(port, self.login.key, self.login.user, known_hosts=known_hosts,
                         host_key_check="yes" if pinned is not None else "accept-new",
-                        login=self.login)
+                        login=self.login, jump=self.host.jump())
         machine = Machine(
             self.conn, spec, ssh,
             base=self.base_image, vm_dir=vm_dir,
             boot_timeout=accel_mod.timeout_for(accel, self.settings.boot_timeout),
             ready_checks=request.ready_checks, console_out=self.console_out,
             progress=self.progress,
+            volumes=volumes,
         )
         machine.kvm_probation = probation
-        if self.artifacts is not None:
-            machine.artifact = artifacts.reserve(self.artifacts, name, ".console.log")
+        self._reserve_artifact(machine)
         self.machines.append(machine)
         try:
             machine.boot()
@@ -268,7 +376,7 @@ class VMFactory:
                 install_host_alias(machine.run, self.settings.host_alias, HOST_ADDRESS)
             machine.set_host_ports(request.host_ports if request.host_ports is not None
                                    else self.settings.host_ports)
-        except KVMUnusable:
+        except (KVMUnusable, HostPortTaken):
             self.discard(machine, port=port)
             raise
         except BootError as exc:
@@ -321,6 +429,18 @@ class VMFactory:
         return files
 
     # ------------------------------------------------------------ booted states
+    def state_cache_refusal(self) -> str | None:
+        """Why this factory's VMs cannot use the state cache (None: they can)."""
+        if self.settings.tpm:
+            # QEMU's stream holds swtpm's whole state: every VM restored from one state would
+            # share the saving VM's TPM identity (endorsement key, seeds) and its RNG state.
+            return ("with --flightvm-tpm (a restored state would clone the saving VM's TPM "
+                    "identity)")
+        if not self.host.local:
+            # a save file is written and restored by the remote libvirtd, on its own disk
+            return f"on a remote libvirt host ({self.host.label})"
+        return None
+
     def state_parts(self, request: VMRequest, extra: tuple[str, ...] = (),
                     accel: str | None = None) -> dict[str, Any]:
         """What shapes the booted guest ``request`` asks for, minus per-VM identity: the
@@ -378,6 +498,7 @@ class VMFactory:
                           boot_timeout=accel_mod.timeout_for(accel, self.settings.boot_timeout),
                           ready_checks=request.ready_checks, console_out=self.console_out)
         machine.started = "restored"
+        self._reserve_artifact(machine)
         machine.has_cloud_init = saved.has_cloud_init
         machine.rename_from = saved.origin or None
         if not self.login.baked:
@@ -432,10 +553,16 @@ class VMFactory:
 
     def _keep_console(self, machine: Machine) -> None:
         try:
+            machine.console_tail(1)  # a remote VM's console reaches its local mirror first
             logs = private_dir(self.run.run_dir / "consoles", parents=False)
             shutil.copy2(machine.spec.console_log, logs / f"{machine.name}.log")
         except (OSError, FlightVMError):
             pass
+
+    def _reserve_artifact(self, machine: Machine) -> None:
+        """Under --flightvm-artifacts: the file this VM's console log goes to, named now."""
+        if self.artifacts is not None:
+            machine.artifact = artifacts.reserve(self.artifacts, machine.name, ".console.log")
 
     def save_artifact(self, machine: Machine) -> None:
         """Copy the console log, as it is now, to the file reserved under --flightvm-artifacts."""
@@ -461,7 +588,7 @@ class VMFactory:
         (machine.vm_dir / KEPT_MARKER).write_text(f"{time.time()}\n")
         return (f"flightvm: kept VM {machine.name}\n"
                 f"  ssh:     {machine.ssh_command()}\n"
-                f"  console: virsh -c {self.settings.libvirt_uri} console {machine.name}"
+                f"  console: virsh -c {self.host.uri} console {machine.name}"
                 f"  (log: {machine.spec.console_log})\n"
                 f"  remove:  flightvm gc --name {machine.name}")
 

@@ -14,9 +14,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from ..errors import BootError, GuestCommandError, KVMUnusable, LibvirtError
+from ..errors import BootError, GuestCommandError, HostPortTaken, KVMUnusable, LibvirtError
 from .accel import KVM_PROGRESS_SECONDS
 from .bootstage import SSH_STAGE
 from .disk import create_overlay
@@ -32,6 +32,9 @@ from .ready import (
     wait_until_ready,
 )
 from .ssh import CommandResult, SSHClient
+
+if TYPE_CHECKING:
+    from .volumes import VMVolumes
 
 log = logging.getLogger("flightvm")
 
@@ -65,9 +68,13 @@ class Machine:
         ready_checks: tuple[ReadyCheck, ...] = (),
         console_out: TextIO | None = None,
         progress: BootProgress | None = None,
+        volumes: VMVolumes | None = None,
     ) -> None:
         self.conn = conn
         self.progress = progress  # boot stage reports, for a live status line
+        # On a remote libvirt host: the VM's pool volumes (overlay, seed, console), made by
+        # the factory through the storage API; spec.console_log is then a local mirror.
+        self.volumes = volumes
         self.spec = spec
         self.ssh = ssh
         self.base = base
@@ -115,6 +122,15 @@ class Machine:
         return self.spec.ssh_port
 
     @property
+    def remote(self) -> bool:
+        """True when the VM runs on a remote libvirt host (disks are pool volumes there)."""
+        return self.volumes is not None
+
+    def _pull_console(self) -> None:
+        if self.volumes is not None:
+            self.volumes.pull_console(self.spec.console_log)
+
+    @property
     def accel(self) -> str:
         return self.spec.accel
 
@@ -154,23 +170,27 @@ class Machine:
         return self.ssh.command()
 
     def console_log(self) -> str:
+        self._pull_console()
         try:
             return self.spec.console_log.read_text(errors="replace")
         except OSError:
             return ""
 
     def console_tail(self, lines: int = 30) -> str:
+        self._pull_console()
         return console_tail(self.spec.console_log, lines)
 
     def __repr__(self) -> str:
-        return f"<Machine {self.name} ssh=127.0.0.1:{self.ssh_port} accel={self.accel}>"
+        where = f" on {self.volumes.storage.host.label}" if self.volumes is not None else ""
+        return f"<Machine {self.name} ssh=127.0.0.1:{self.ssh_port} accel={self.accel}{where}>"
 
     # --------------------------------------------------------------- lifecycle
     def boot(self) -> float:
         """Create the overlay, define and start the domain, wait for ready."""
         import libvirt
 
-        create_overlay(self.base, self.spec.overlay)
+        if self.volumes is None:
+            create_overlay(self.base, self.spec.overlay)
         self.spec.console_log.touch(mode=0o600)
         watcher = ConsoleWatcher(self.spec.console_log)
         self._started_at = time.monotonic()
@@ -180,6 +200,9 @@ class Machine:
         except libvirt.libvirtError as exc:
             if self.kvm_probation:
                 raise KVMUnusable(f"KVM refused to start a guest: {error_text(exc)}") from None
+            if self.remote and "Could not set up host forwarding rule" in error_text(exc):
+                raise HostPortTaken(f"port {self.ssh_port} is taken on the libvirt host of "
+                                    f"{self.name}") from None
             raise LibvirtError(f"libvirt could not start {self.name}: {error_text(exc)}") from None
         if self.console_out is not None:
             self._start_streaming(self.console_out)
@@ -189,7 +212,12 @@ class Machine:
     def wait_ready(self, *, timeout: float | None = None,
                    watcher: ConsoleWatcher | None = None) -> float:
         self._ssh_answered = False
-        probe = Probe(domain_state=self._domain_problem, guest_ready=self._guest_ready,
+
+        def domain_state() -> str | None:
+            self._pull_console()  # a remote console reaches the local mirror before each scan
+            return self._domain_problem()
+
+        probe = Probe(domain_state=domain_state, guest_ready=self._guest_ready,
                       stage=lambda: SSH_STAGE if self._ssh_answered else None)
         report = self.progress
 
@@ -358,6 +386,8 @@ class Machine:
                         self.dom.destroy()
                 except libvirt.libvirtError as exc:
                     log.debug("flightvm: %s %s: %s", op, self.name, error_text(exc))
+        if self.volumes is not None and remove_files:
+            self.volumes.delete()  # overlay, seed and console; the base volume stays
         if remove_files:
             shutil.rmtree(self.vm_dir, ignore_errors=True)
 
@@ -398,17 +428,22 @@ class Machine:
     def _start_streaming(self, out: TextIO) -> None:
         self._streamer = threading.Thread(
             target=follow_console, args=(self.spec.console_log, self.name, out, self._stop_stream),
+            kwargs={"pull": self._pull_console if self.remote else None},
             name=f"console-{self.name}", daemon=True)
         self._streamer.start()
 
 
 def follow_console(path: Path, name: str, out: TextIO, stop: threading.Event,
-                   interval: float = 0.5) -> None:
+                   interval: float = 0.5, pull: Callable[[], None] | None = None) -> None:
     """Copy the console log at ``path`` to ``out`` as it grows, each line as ``[name] line``,
-    until ``stop`` is set; then one last read, so the tail is never lost."""
+    until ``stop`` is set; then one last read, so the tail is never lost. ``pull`` first
+    brings a remote VM's console into the local mirror at ``path``."""
     pos, carry = 0, b""
     while True:
         stopping = stop.is_set()
+        if pull is not None:
+            with contextlib.suppress(Exception):  # a host that went away: nothing new to show
+                pull()
         try:
             with open(path, "rb") as f:
                 f.seek(pos)

@@ -46,6 +46,10 @@ PRISTINE_MODES = ("snapshot", "restore", "internal")
 
 def mechanism(reset: str, machine: Machine) -> str:
     """The mechanism behind a pristine-point reset mode, for this guest."""
+    if getattr(machine, "remote", False):
+        # save/restore writes state files on the VM's host, and pristine.py handles them as
+        # local files; a remote VM is BIOS-only (factory.py) and snapshots in its overlay.
+        return "internal"
     if reset == "internal" and not machine.spec.firmware.uefi:
         return "internal"
     return "restore"
@@ -84,13 +88,11 @@ class VMPool:
         if (self.states is None or reset not in PRISTINE_MODES or "restore" in self._unsupported
                 or (reset == "internal" and not self.factory.firmware.uefi)):
             return None
-        if self.factory.settings.tpm:
-            # QEMU's stream holds swtpm's whole state: every VM restored from one state would
-            # share the saving VM's TPM identity (endorsement key, seeds) and its RNG state.
-            if "tpm" not in self._unsupported:
-                self._unsupported.add("tpm")
-                self.notice("flightvm: the state cache is not used with --flightvm-tpm (a "
-                            "restored state would clone the saving VM's TPM identity); booting")
+        why = self.factory.state_cache_refusal()
+        if why is not None:
+            if "state" not in self._unsupported:
+                self._unsupported.add("state")
+                self.notice(f"flightvm: the state cache is not used {why}; booting")
             return None
         try:
             self.states.store  # noqa: B018 - made here: an unusable store disables the cache

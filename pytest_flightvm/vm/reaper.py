@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..hosts import POOL_PREFIX
 from ..procs import pid_namespace, process_start, same_process
 from ..statedir import read_file, replace_file
 from .domain import RUN_ID_RE, DomainInfo, parse_metadata, vm_name_problem
 from .libvirt_conn import connect, error_text, undefine
+from .volumes import VOL_SUFFIXES, vm_volume_names
 
 KEPT_MARKER = "KEPT"
 RUN_FILE = "run.json"
@@ -106,25 +108,99 @@ def foreign_reason(info: DomainInfo, runs_dir: Path) -> str | None:
     return None
 
 
+def _delete_volumes(conn: Any, info: DomainInfo, log: Callable[[str], None]) -> None:
+    """A reaped domain's pool volumes on its host: only in a pool named ``flightvm*`` and
+    only volumes named after the domain itself (``<name>-overlay.qcow2`` and so on)."""
+    import libvirt
+
+    for pool_name, vol_name in info.volumes:
+        if not pool_name.startswith(POOL_PREFIX) or vol_name not in vm_volume_names(info.name):
+            log(f"gc: leaving volume {pool_name}/{vol_name} alone: not one of {info.name}'s")
+            continue
+        try:
+            conn.storagePoolLookupByName(pool_name).storageVolLookupByName(vol_name).delete(0)
+        except libvirt.libvirtError:
+            continue  # already gone
+
+
+def sweep_volumes(conn: Any, pools: tuple[str, ...], runs_dir: Path, domains: set[str], *,
+                  dry_run: bool = False, log: Callable[[str], None] = lambda _m: None
+                  ) -> list[Reaped]:
+    """Per-VM volumes with no domain (a run killed between making them and defining it):
+    removed when named ``flightvm-<run-id>-...<suffix>`` and that run's dir is gone or dead."""
+    import libvirt
+
+    done: list[Reaped] = []
+    for pool_name in pools:
+        if not pool_name.startswith(POOL_PREFIX):
+            continue
+        try:
+            pool = conn.storagePoolLookupByName(pool_name)
+            if not pool.isActive():
+                continue
+            pool.refresh(0)
+            vols = pool.listAllVolumes(0)
+        except libvirt.libvirtError:
+            continue
+        for vol in vols:
+            vname = vol.name()
+            vm = next((vname[:-len(s)] for s in VOL_SUFFIXES if vname.endswith(s)), None)
+            if vm is None or vm in domains or vm_name_problem(vm):
+                continue
+            run_id = vm.removeprefix("flightvm-")[:17]
+            if not RUN_ID_RE.match(run_id):
+                continue
+            run_dir = runs_dir / run_id
+            if run_dir.is_dir() and run_dir_alive(run_dir):
+                continue
+            done.append(Reaped("volume", f"{pool_name}/{vname}", "its run is gone"))
+            log(f"gc: {'would remove' if dry_run else 'removing'} volume {pool_name}/{vname}")
+            if not dry_run:
+                try:
+                    vol.delete(0)
+                except libvirt.libvirtError:
+                    pass
+    return done
+
+
 def reap(
-    uri: str,
+    uri: str | tuple[str, ...],
     runs_dir: Path,
     *,
     dry_run: bool = False,
     names: tuple[str, ...] = (),
     log: Callable[[str], None] = lambda _m: None,
     conn: Any = None,
+    pools: tuple[str, ...] = (),
 ) -> list[Reaped]:
-    """Remove dead runs' domains and files. With ``names``, remove exactly those
-    flightvm domains (kept ones included) provided their owner is dead."""
+    """Remove dead runs' domains and files on every host of ``uri`` (one URI or several:
+    --flightvm-hosts). With ``names``, remove exactly those flightvm domains (kept ones
+    included) provided their owner is dead. ``pools``: our pools to sweep for volumes
+    left without a domain."""
+    uris = (uri,) if isinstance(uri, str) else tuple(uri)
+    done: list[Reaped] = []
+    live_dirs: set[str] = set()
+    for one in uris:
+        done += _reap_domains(one, runs_dir, dry_run=dry_run, names=names, log=log,
+                              conn=conn if len(uris) == 1 else None, live_dirs=live_dirs,
+                              pools=pools)
+    if runs_dir.is_dir() and not runs_dir.is_symlink() and not names:
+        done += _sweep_run_dirs(runs_dir, live_dirs, dry_run=dry_run, log=log)
+    return done
+
+
+def _reap_domains(uri: str, runs_dir: Path, *, dry_run: bool, names: tuple[str, ...],
+                  log: Callable[[str], None], conn: Any, live_dirs: set[str],
+                  pools: tuple[str, ...]) -> list[Reaped]:
     import libvirt
 
     own_conn = conn is None
     conn = conn or connect(uri)
     done: list[Reaped] = []
-    live_dirs: set[str] = set()
+    domains: set[str] = set()
     try:
         for dom in conn.listAllDomains(0):
+            domains.add(dom.name())
             name = dom.name()
             try:
                 info = parse_metadata(name, dom.XMLDesc(0))
@@ -163,26 +239,34 @@ def reap(
             for f in info.files:
                 if _under(f, run_dir):  # checked again right before it goes
                     shutil.rmtree(f, ignore_errors=True)
+            _delete_volumes(conn, info, log)
+        if pools and not names:
+            done += sweep_volumes(conn, pools, runs_dir, domains, dry_run=dry_run, log=log)
     finally:
         if own_conn:
             conn.close()
-    if runs_dir.is_dir() and not runs_dir.is_symlink() and not names:
-        for run_dir in sorted(runs_dir.iterdir()):
-            if run_dir.is_symlink() or not run_dir.is_dir() or str(run_dir) in live_dirs:
+    return done
+
+
+def _sweep_run_dirs(runs_dir: Path, live_dirs: set[str], *, dry_run: bool,
+                    log: Callable[[str], None]) -> list[Reaped]:
+    done: list[Reaped] = []
+    for run_dir in sorted(runs_dir.iterdir()):
+        if run_dir.is_symlink() or not run_dir.is_dir() or str(run_dir) in live_dirs:
+            continue
+        try:  # only run dirs of ours, by name and by owner
+            if not RUN_ID_RE.match(run_dir.name) or run_dir.stat().st_uid != os.geteuid():
                 continue
-            try:  # only run dirs of ours, by name and by owner
-                if not RUN_ID_RE.match(run_dir.name) or run_dir.stat().st_uid != os.geteuid():
-                    continue
-            except OSError:
-                continue
-            if any(str(d).startswith(str(run_dir) + os.sep) for d in live_dirs):
-                continue
-            if run_dir_alive(run_dir):
-                continue
-            if any(p.name == KEPT_MARKER for p in run_dir.glob("vms/*/" + KEPT_MARKER)):
-                continue
-            done.append(Reaped("files", str(run_dir), "run owner is gone"))
-            log(f"gc: {'would remove' if dry_run else 'removing'} {run_dir}")
-            if not dry_run:
-                shutil.rmtree(run_dir, ignore_errors=True)
+        except OSError:
+            continue
+        if any(str(d).startswith(str(run_dir) + os.sep) for d in live_dirs):
+            continue
+        if run_dir_alive(run_dir):
+            continue
+        if any(p.name == KEPT_MARKER for p in run_dir.glob("vms/*/" + KEPT_MARKER)):
+            continue
+        done.append(Reaped("files", str(run_dir), "run owner is gone"))
+        log(f"gc: {'would remove' if dry_run else 'removing'} {run_dir}")
+        if not dry_run:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return done

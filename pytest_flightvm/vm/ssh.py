@@ -23,8 +23,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import FlightVMError, GuestCommandError, ToolMissingError
+
+if TYPE_CHECKING:
+    from ..hosts import Jump
 
 
 @dataclass(frozen=True)
@@ -157,8 +161,11 @@ class SSHClient:
 
     def __init__(self, port: int, key: Path, user: str, host: str = "127.0.0.1", *,
                  known_hosts: Path | None = None, host_key_check: str = "yes",
-                 login: Login | None = None) -> None:
+                 login: Login | None = None, jump: Jump | None = None) -> None:
         require_tool("ssh", "openssh-client")
+        # A VM on a remote libvirt host: its forward binds on that host's loopback, and
+        # we reach it through the same SSH host libvirt uses (ProxyCommand ssh -W).
+        self.jump = jump
         self.login = login or Login(user, key)
         self.port = port
         self.key = self.login.key
@@ -191,8 +198,17 @@ class SSHClient:
         return {**os.environ, "SSH_ASKPASS": str(self.login.askpass),
                 "SSH_ASKPASS_REQUIRE": "force", ASKPASS_ENV: self.login.password}
 
+    def proxy_options(self) -> list[str]:
+        """``-o ProxyCommand=ssh ... -W %h:%p JUMP`` for a VM behind a remote libvirt host."""
+        if self.jump is None:
+            return []
+        inner = " ".join(shlex.quote(a) for a in
+                         ["ssh", *self.jump.options(), "-W", "%h:%p", self.jump.destination])
+        return ["-o", f"ProxyCommand={inner}"]
+
     def options(self, *, connect_timeout: int = 5) -> list[str]:
         return [*self._auth_options(),
+            *self.proxy_options(),
             "-o", "BatchMode=yes",
             *self.host_key_options(),
             "-o", "LogLevel=ERROR",
@@ -216,7 +232,7 @@ class SSHClient:
     def command(self) -> str:
         """A shell line a human can paste to reach this guest (host key checked against
         the VM's own known_hosts; never with a password)."""
-        hk = " ".join(shlex.quote(o) for o in self.host_key_options())
+        hk = " ".join(shlex.quote(o) for o in [*self.proxy_options(), *self.host_key_options()])
         auth = "" if self.login.password is not None else f" -i {shlex.quote(str(self.key))}"
         return f"ssh -p {self.port}{auth} {hk} {self.user}@{self.host}"
 

@@ -13,6 +13,7 @@ import pytest
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.cli import main
 from pytest_flightvm.errors import ConfigError, StoreUnusable
+from pytest_flightvm.hosts import Host
 from pytest_flightvm.procs import pid_namespace
 from pytest_flightvm.statedir import private_dir, replace_file, user_state_dir
 from pytest_flightvm.vm.domain import DomainSpec, Owner
@@ -132,6 +133,7 @@ def test_another_users_cache_dir_is_one_line_store_unusable(
 class _NoBoot(VMFactory):
     def __init__(self, run: RunContext) -> None:  # no settings, libvirt or key needed
         self.run = run
+        self.host = Host("qemu:///system")  # the one local host
         self.booted_names: list[str] = []
         self._hardware_checked = True  # no firmware or CPU check: nothing boots here
 
