@@ -15,6 +15,11 @@ import pytest
 
 LOCAL_REGISTRY = os.environ.get("FLIGHTVM_TEST_REGISTRY", "127.0.0.1:5000")
 
+# pytester gives each inner run a fresh HOME, so its per-user state dir (the KVM verdict,
+# the port table) would be a new one every time: each inner run re-probed KVM (a 30 s
+# boot) and kept its own port table. A user's runs share one; so do ours.
+os.environ.setdefault("XDG_STATE_HOME", os.path.join(os.path.expanduser("~"), ".local", "state"))
+
 
 @pytest.fixture(scope="session")
 def local_registry() -> str:
