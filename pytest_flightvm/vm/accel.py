@@ -13,13 +13,17 @@ to the host, and every fresh cache dir used to pay the 30 s probe again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from ..statedir import private_dir, replace_file, user_state_dir
 
@@ -90,6 +94,23 @@ def initial_choice(requested: str, state_dir: Path) -> tuple[str, bool]:
     # No verdict, or a KVM one: under auto, KVM always runs on probation, so a host
     # whose KVM broke since the verdict (or a stale verdict) still falls back to TCG.
     return "kvm", True
+
+
+@contextlib.contextmanager
+def first_choice(requested: str, state_dir: Path) -> Iterator[tuple[str, bool]]:
+    """:func:`initial_choice`, with the host's first KVM probe under a lock.
+
+    With no verdict on file yet, only one process (worker or run) at a time probes:
+    the others wait on the lock, then take the verdict it stored (a TCG one spares them
+    their own 30 s probe) instead of all probing at once. Hold it until the verdict is
+    saved (or the probe failed); with a verdict on file there is no lock at all."""
+    choice = initial_choice(requested, state_dir)
+    if not choice[1] or load_verdict(state_dir) is not None:
+        yield choice
+        return
+    where = private_dir(verdict_path(state_dir).parent)
+    with FileLock(str(where / "probe.lock")):
+        yield initial_choice(requested, state_dir)  # what the last prober left on file
 
 
 def timeout_for(accel: str, base_timeout: float) -> float:

@@ -271,24 +271,27 @@ class VMFactory:
             raise ConfigError(f"VM name {name!r} is longer than 63 characters; pass a shorter name")
         if (problem := vm_name_problem(name)) is not None:
             raise ConfigError(f"VM name {name!r} {problem}; pass another name")
-        if self.host.local:
-            accel, probation = accel_mod.initial_choice(self.settings.accel,
-                                                        accel_mod.host_state_dir())
-        else:
+        if not self.host.local:
             # the KVM verdict on file is this machine's, not the remote host's
             self._check_remote()
-            accel, probation = ("kvm" if self.settings.accel == "kvm" else "tcg"), False
-        self._check_hardware(accel)
-        try:
-            machine = self._boot_on_a_free_port(name, request, accel, probation)
-        except KVMUnusable as exc:
-            accel_mod.save_verdict(accel_mod.host_state_dir(), "tcg", str(exc))
-            self.notice(f"flightvm: KVM cannot run guests on this host ({exc}); "
-                        "falling back to TCG (verdict remembered)")
-            machine = self._boot_on_a_free_port(name, request, "tcg", False)
-        if probation and machine.accel == "kvm":
-            accel_mod.save_verdict(accel_mod.host_state_dir(), "kvm", "a guest booted under KVM")
-        return machine
+            accel = "kvm" if self.settings.accel == "kvm" else "tcg"
+            self._check_hardware(accel)
+            return self._boot_on_a_free_port(name, request, accel, False)
+        state_dir = accel_mod.host_state_dir()
+        with accel_mod.first_choice(self.settings.accel, state_dir) as (accel, probation):
+            self._check_hardware(accel)
+            try:
+                machine = self._boot_on_a_free_port(name, request, accel, probation)
+            except KVMUnusable as exc:
+                accel_mod.save_verdict(state_dir, "tcg", str(exc))
+                self.notice(f"flightvm: KVM cannot run guests on this host ({exc}); "
+                            "falling back to TCG (verdict remembered)")
+            else:
+                if probation and machine.accel == "kvm":
+                    accel_mod.save_verdict(state_dir, "kvm", "a guest booted under KVM")
+                return machine
+        # the TCG boot after a failed probe runs without the probe lock
+        return self._boot_on_a_free_port(name, request, "tcg", False)
 
     def _boot_on_a_free_port(self, name: str, request: VMRequest, accel: str,
                              probation: bool) -> Machine:

@@ -144,6 +144,47 @@ def test_the_kvm_verdict_belongs_to_the_host_not_a_cache_dir(
     assert accel.initial_choice("auto", accel.host_state_dir()) == ("tcg", False)
 
 
+def test_the_first_kvm_probe_on_a_host_runs_once_while_others_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    from pytest_flightvm.vm import accel
+
+    state = tmp_path / "state"
+    monkeypatch.setattr(accel, "kvm_device_usable", lambda: True)
+    probing, events = threading.Event(), []
+    waiter_choice: list[tuple[str, bool]] = []
+
+    def first_worker() -> None:
+        with accel.first_choice("auto", state) as choice:
+            events.append(("probe", choice))
+            probing.set()
+            time.sleep(0.5)  # the probe boot; then it finds KVM unusable
+            accel.save_verdict(state, "tcg", "guest paused")
+            events.append(("verdict", None))
+
+    def second_worker() -> None:
+        probing.wait(5)
+        with accel.first_choice("auto", state) as choice:
+            events.append(("second", choice))
+            waiter_choice.append(choice)
+
+    threads = [threading.Thread(target=first_worker), threading.Thread(target=second_worker)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    # the second waited for the first's verdict and took it: no second probe
+    assert events == [("probe", ("kvm", True)), ("verdict", None), ("second", ("tcg", False))]
+    # with a verdict on file, nobody waits: a held probe lock does not block the choice
+    from filelock import FileLock
+
+    with FileLock(str(state / "accel" / "probe.lock")):
+        with accel.first_choice("auto", state) as again:
+            assert again == ("tcg", False)
+
+
 def test_no_pristine_point_on_a_running_vm_still_runs_after_revert(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from pytest_flightvm.errors import ResetFailed
