@@ -82,6 +82,7 @@ class VMPool:
         self._pristine: Pristine | str | None = None  # a Pristine, "internal", or none yet
         self._unsupported: set[str] = set()
         self.resets: list[dict[str, Any]] = []
+        self._unpushed: str | None = None  # a state this pool published, for the registry
 
     def _state_key(self, request: VMRequest, reset: str, accel: str | None = None) -> str | None:
         """The state key for ``request`` (under ``accel``), when the state cache applies."""
@@ -104,6 +105,13 @@ class VMPool:
     def _restore_saved(self, request: VMRequest, key: str) -> Machine | None:
         assert self.states is not None
         saved = self.states.lookup(key)
+        if saved is None and self.states.share is not None:  # --flightvm-state-cache registry
+            try:
+                vetting = self.factory.state_vetting(request)
+            except (FlightVMError, OSError) as exc:
+                self.notice(f"flightvm: a booted state cannot be pulled ({exc}); booting")
+                return None
+            saved = self.states.share.pull(self.states, key, vetting)
         if saved is None:
             return None
         try:
@@ -131,10 +139,13 @@ class VMPool:
 
         def publish(pristine: Pristine) -> Pristine | None:
             try:
-                return states.publish(key, pristine, self.factory.state_meta(machine))
+                published = states.publish(key, pristine, self.factory.state_meta(machine))
             except FlightVMError as exc:
                 self.notice(f"flightvm: the booted state of {machine.name} was not cached ({exc})")
                 return None
+            if published is not None and states.share is not None:
+                self._unpushed = key  # pushed once the VM runs again (_boot)
+            return published
 
         return publish
 
@@ -177,6 +188,9 @@ class VMPool:
         # also when no pristine point could be made: the profile's before_snapshot stopped
         # the agent, and the test still gets the VM as after a reset
         self.after_revert(machine)
+        if self._unpushed is not None and self.states is not None and self.states.share:
+            key, self._unpushed = self._unpushed, None
+            self.states.share.push(self.states, key)
         return machine
 
     def acquire(self, request: VMRequest, reset: str) -> Machine:
