@@ -61,8 +61,9 @@ def check_overlay(path: Path, base: Path, what: str, *,
     registry, writable by us) an overlay of our ``base`` and nothing else, or ``error``.
 
     Its header is read first, before any tool opens it: a qcow2 of version 2 or 3 with no
-    external data file and no encryption, whatever backing file it names (that name is
-    never opened); then ``qemu-img rebase -u`` (which opens neither the old nor the new
+    external data file and no encryption, whose backing file is a store blob named as
+    ``base`` is (``.../sha256/<base digest>``: the same base, stored elsewhere; that path
+    is never opened); then ``qemu-img rebase -u`` (which opens neither the old nor the new
     chain's data) points it at ``base``, and ``qemu-img info`` must show exactly that:
     qcow2 backed by ``base`` as qcow2, no data file, not corrupt or encrypted, and the
     base's virtual size."""
@@ -74,6 +75,16 @@ def check_overlay(path: Path, base: Path, what: str, *,
     if header[:len(QCOW2_MAGIC)] != QCOW2_MAGIC:
         raise error(f"{what} is not a qcow2 disk image; refused")
     _check_header(header, what, error, backing=True)
+    _, _, backing_offset, backing_size, *_rest = _HEADER.unpack_from(header)
+    try:
+        with open(path, "rb") as f:
+            f.seek(backing_offset)
+            backing_name = f.read(min(backing_size, 1023)).decode("utf-8", "replace")
+    except OSError as exc:
+        raise error(f"cannot read {what} at {path}: {exc.strerror}") from None
+    if not backing_size or backing_name.rsplit("/", 2)[-2:] != ["sha256", base.name]:
+        raise error(f"{what} is not an overlay of the base {base.name[:12]} (it names "
+                    f"{backing_name[:80]!r} as its backing file); refused")
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise ToolMissingError("checking a pulled overlay needs qemu-img; apt-get install "

@@ -63,7 +63,7 @@ META_FIELDS = ("mac", "host_keys", "origin", "has_cloud_init", "accel")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 _HOST_KEY_RE = re.compile(r"^(?:ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)) "
                           r"[A-Za-z0-9+/]{16,2048}={0,3}$")
-_COOKIE_CHILDREN = {"cpu"}  # libvirt's save cookie: <cookie><cpu>..</cpu></cookie>
+_COOKIE_CHILDREN = {"cpu", "slirpHelper"}  # libvirt 9.0's save cookie holds no more
 _STREAM_MAGIC = b"QEVM"
 
 
@@ -159,8 +159,8 @@ def check_save_head(path: Path) -> None:
         except ET.ParseError:
             raise StateRefused("the state's save cookie does not parse; refused") from None
         if cookie.tag != "cookie" or {c.tag for c in cookie} - _COOKIE_CHILDREN:
-            raise StateRefused("the state's save cookie holds more than a CPU definition; "
-                               "refused")
+            raise StateRefused("the state's save cookie holds more than a CPU definition "
+                               "and a slirp flag; refused")
     with open(path, "rb") as f:
         f.seek(header.stream_offset)
         if f.read(len(_STREAM_MAGIC)) != _STREAM_MAGIC:
