@@ -152,11 +152,14 @@ def test_state_pushed_then_pulled_into_an_empty_store(
         assert "pulled the booted state" in output, output[-3000:]
         assert facts["old_key_rc"] == 255 and "Permission denied" in facts["old_key_err"], facts
         assert facts["hostname"] == facts["name"] == vm["name"]
-        print(f"state from registry: request->ready {vm['ready_seconds']:.1f}s")
+        pulled_line = [line for line in output.splitlines() if "pulled the booted state" in line]
+        print(f"state from registry: request->ready {vm['ready_seconds']:.1f}s; "
+              f"{pulled_line[0].strip()}")
         states_b = StateCache(cache_b / "states", notice=print)
         local = states_b.manifest(key)
         assert local is not None and local["source"] == "registry", local
         header = read_header(states_b.store.blob_path(local["state"]))
+        print(f"save cookie: {header.cookie!r}")
         assert "<emulator>/usr/bin/qemu-system-x86_64</emulator>" in header.xml
         assert f"<name>{config['origin']}</name>" in header.xml
         info = _qemu_img_info(states_b.store.blob_path(local["disk"]))
