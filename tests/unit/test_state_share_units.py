@@ -141,6 +141,11 @@ def test_save_file_gets_our_xml_and_keeps_its_stream(tmp_path: Path) -> None:
     root = ET.fromstring(head.xml)
     assert root.findtext("devices/emulator") == "/usr/bin/qemu-system-x86_64"
     assert dest.read_bytes()[head.stream_offset:] == STREAM
+    # taken (a pulled blob of ours): renamed and rewritten in place, the stream not copied
+    taken = tmp_path / "taken.sav"
+    rebuild_save_file(src, taken, ours, move=True)
+    assert not src.exists() and taken.stat().st_mode & 0o777 == 0o600
+    assert read_header(taken).xml == ours and taken.read_bytes() == dest.read_bytes()
     # an XML that does not fit the save file's region: refused in one line
     small = tmp_path / "small.sav"
     _save_file(small, "<domain/>", data_len=64)
