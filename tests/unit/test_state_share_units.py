@@ -240,3 +240,60 @@ def test_option_and_when_a_share_exists(tmp_path: Path) -> None:
     pushing = StateShare.for_settings(
         settings({"state_cache": "registry", "push": True, **reg}), print)
     assert pushing is not None and pushing.push_enabled
+
+
+class _Conn:
+    def getVersion(self) -> int:  # noqa: N802 - libvirt's name
+        return 7002000
+
+    def getLibVersion(self) -> int:  # noqa: N802
+        return 9000000
+
+
+def _factory(tmp_path: Path, **settings: Any) -> Any:
+    from pytest_flightvm.config import Settings
+    from pytest_flightvm.vm.factory import RunContext, VMFactory
+
+    s = Settings(cache_dir=tmp_path / "cache", accel="tcg", **settings)
+    run = RunContext("261203000000-aaaa", tmp_path / "run", "gw0")
+    run.run_dir.mkdir(mode=0o700, parents=True)
+    factory = VMFactory(s, tmp_path / "base.qcow2", run, base_digest="sha256:" + "1" * 64)
+    factory._conn = _Conn()  # noqa: SLF001 - no libvirt in the unit tier
+    return factory
+
+
+def test_pool_pulls_on_a_local_miss_with_our_own_xml(tmp_path: Path) -> None:
+    """The pool's wiring (the share here is a stub: the real pull is covered against the
+    real registry in tests/integration and tests/faults): a local miss asks the share,
+    with the factory's vetting, whose XML is built from our settings and the checked
+    metadata; a miss there is a boot."""
+    from pytest_flightvm.vm.factory import VMRequest
+    from pytest_flightvm.vm.pool import VMPool
+
+    calls: list[Any] = []
+
+    class Share:
+        def pull(self, states: Any, key: str, vet: Any) -> None:
+            calls.append((key, vet))
+
+    states = StateCache(tmp_path / "cache" / "states", notice=print, share=Share())  # type: ignore[arg-type]
+    factory = _factory(tmp_path, memory=1536, vcpus=1)
+    pool = VMPool(factory, notice=print, states=states)
+    assert pool._restore_saved(VMRequest(), KEY) is None  # noqa: SLF001
+    ((key, vet),) = calls
+    assert key == KEY and vet.base == factory.base_image and vet.nvram_size is None
+    root = ET.fromstring(vet.domain_xml(META))
+    assert root.findtext("name") == META["origin"] and root.get("type") == "qemu"
+    assert root.findtext("memory") == "1536" and root.findtext("vcpu") == "1"
+    assert root.findtext("devices/emulator") == "/usr/bin/qemu-system-x86_64"
+    assert f"mac={META['mac']}," in ET.tostring(root, encoding="unicode")
+    uefi = _factory(tmp_path / "u", firmware="uefi").state_vetting(VMRequest())
+    assert uefi.nvram_size == uefi_vars_size()
+
+
+def uefi_vars_size() -> int:
+    from pytest_flightvm.vm.firmware import firmware
+
+    template = firmware("uefi").vars_template
+    assert template is not None
+    return template.stat().st_size
