@@ -21,7 +21,9 @@ mechanism, a VM the pool needs is first looked up by its state key: a hit is res
 (``VMFactory.restore_state``) instead of booted, and its pristine point *is* that state
 (the per-test reset is the same restore); a miss boots, and the pristine point it
 saves is published under the key. A state that fails to restore is evicted and the VM
-booted, with one warning line.
+booted, with one warning line. With ``--flightvm-state-cache registry`` a local miss
+first asks the registry (:mod:`stateshare`, vetted against the factory's
+``state_vetting``), and a state this pool published is pushed once its VM runs again.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ seed files rendered with a placeholder identity (instance-id, hostname, MAC, SSH
 are per VM), memory, vCPUs, firmware, TPM, CPU model, machine type, QEMU and libvirt
 versions, accel, the login, and a fingerprint of the hooks that run before the
 pristine point.
+
+The registry's side (push a published state, pull one on a miss) is :mod:`stateshare`,
+reached through :attr:`StateCache.share` when ``--flightvm-state-cache registry`` is set.
 """
 
 from __future__ import annotations
