@@ -23,7 +23,8 @@ mechanism, a VM the pool needs is first looked up by its state key: a hit is res
 saves is published under the key. A state that fails to restore is evicted and the VM
 booted, with one warning line. With ``--flightvm-state-cache registry`` a local miss
 first asks the registry (:mod:`stateshare`, vetted against the factory's
-``state_vetting``), and a state this pool published is pushed once its VM runs again.
+``state_vetting``), and a state this pool published is pushed in the background once
+its VM runs again (``close`` waits for it).
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ class VMPool:
         self.after_revert(machine)
         if self._unpushed is not None and self.states is not None and self.states.share:
             key, self._unpushed = self._unpushed, None
-            self.states.share.push(self.states, key)
+            self.states.share.push_soon(self.states, key)  # waited for in close()
         return machine
 
     def acquire(self, request: VMRequest, reset: str) -> Machine:
@@ -245,3 +246,5 @@ class VMPool:
 
     def close(self) -> None:
         self.drop()
+        if self.states is not None and self.states.share is not None:
+            self.states.share.wait()

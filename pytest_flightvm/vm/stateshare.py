@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -68,6 +69,7 @@ _HOST_KEY_RE = re.compile(r"^(?:ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|5
                           r"[A-Za-z0-9+/]{16,2048}={0,3}$")
 _COOKIE_CHILDREN = {"cpu", "slirpHelper"}  # libvirt 9.0's save cookie holds no more
 _STREAM_MAGIC = b"QEVM"
+PUSH_WAIT = 900.0  # the session's end waits this long for a state push still running
 
 
 def state_tag(prefix: str, key: str) -> str:
@@ -196,6 +198,7 @@ class StateShare:
         self.prefix, self.arch, self.compress, self.push_enabled = prefix, arch, compress, push
         self.notice = notice
         self.pulls: list[dict[str, Any]] = []  # figures: bytes, seconds per pull
+        self._pushes: list[tuple[threading.Thread, list[str]]] = []
 
     @classmethod
     def for_settings(cls, settings: Settings, notice: Callable[[str], None]) -> StateShare | None:
@@ -219,24 +222,53 @@ class StateShare:
             self._registry = self._make_registry()
         return self._registry
 
-    def push(self, states: StateCache, key: str) -> None:
-        """Push ``key``'s state (when pushes are on); a failure is one warning line."""
+    def push(self, states: StateCache, key: str, *,
+             notice: Callable[[str], None] | None = None) -> None:
+        """Push ``key``'s state (when pushes are on); a failure is one warning line. The
+        manifest goes last, so a push cut short leaves no tag: nothing partial is pulled."""
         if not self.push_enabled:
             return
         from ..cache.registry.bundle import push_bundle
 
+        notice = notice or self.notice
         tag = state_tag(self.prefix, key)
         try:
             files, config = outgoing(states, key)
+            registry = self._make_registry()  # its own session: this may run in a thread
             _digest, sent, seconds = push_bundle(
-                self.registry.client, files, config, config_media_type=CONFIG_MEDIA_TYPE,
+                registry.client, files, config, config_media_type=CONFIG_MEDIA_TYPE,
                 tag=tag, arch=self.arch, key=key, compress=self.compress)
         except (FlightVMError, OSError) as exc:
-            self.notice(f"flightvm: warning: pushing the booted state {key[:12]} failed ({exc});"
-                        " the local copy is used")
+            notice(f"flightvm: warning: pushing the booted state {key[:12]} failed ({exc}); "
+                   "the local copy is used")
             return
-        self.notice(f"flightvm: pushed the booted state {key[:12]} to {self.registry.ref.name} "
-                    f"as {tag} ({sent >> 20} MiB in {seconds:.1f} s)")
+        notice(f"flightvm: pushed the booted state {key[:12]} to {registry.ref.name} "
+               f"as {tag} ({sent >> 20} MiB in {seconds:.1f} s)")
+
+    def push_soon(self, states: StateCache, key: str) -> None:
+        """:meth:`push` in a thread of its own, so the tests go on meanwhile (a push to a
+        remote registry takes seconds to minutes); its lines are printed by :meth:`wait`
+        (a thread must not print through pytest's capture while a test runs)."""
+        if not self.push_enabled:
+            return
+        lines: list[str] = []
+        thread = threading.Thread(target=self.push, args=(states, key),
+                                  kwargs={"notice": lines.append},
+                                  name=f"flightvm-state-push-{key[:8]}", daemon=True)
+        thread.start()
+        self._pushes.append((thread, lines))
+
+    def wait(self, timeout: float = PUSH_WAIT) -> None:
+        """Wait for the pushes :meth:`push_soon` started (at most ``timeout`` seconds
+        each), then print their lines; one still running is left, with one line."""
+        pushes, self._pushes = self._pushes, []
+        for thread, lines in pushes:
+            thread.join(timeout)
+            for line in lines:
+                self.notice(line)
+            if thread.is_alive():
+                self.notice(f"flightvm: warning: a booted state push still runs after "
+                            f"{timeout:.0f} s; left (without its manifest no tag names it)")
 
     def pull(self, states: StateCache, key: str, vet: StateVetting) -> SavedState | None:
         """The state for ``key`` from the registry, vetted and installed in ``states``

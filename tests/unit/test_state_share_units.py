@@ -297,3 +297,33 @@ def uefi_vars_size() -> int:
     template = firmware("uefi").vars_template
     assert template is not None
     return template.stat().st_size
+
+
+def test_background_push_prints_when_the_session_waits(tmp_path: Path) -> None:
+    """A push runs in a thread while the tests go on; its lines wait for ``wait()`` (the
+    pool's close), never printed from the thread."""
+    from pytest_flightvm.errors import RegistryUnavailable
+
+    notices: list[str] = []
+
+    def registry() -> Any:
+        raise RegistryUnavailable("127.0.0.1:9 does not answer")
+
+    share = StateShare(registry, prefix="p", arch="amd64", compress="none", push=True,
+                       notice=notices.append)
+    cache = StateCache(tmp_path / "c" / "states", notice=notices.append)
+    d = tmp_path / "vm"
+    d.mkdir()
+    for name in ("pristine.state", "pristine.qcow2"):
+        (d / name).write_bytes(b"QFI\xfb" + name.encode())
+    cache.publish(KEY, Pristine(d / "pristine.state", d / "pristine.qcow2", None), META)
+    share.push_soon(cache, KEY)
+    assert notices == []
+    share.wait()
+    assert len(notices) == 1 and "pushing the booted state" in notices[0], notices
+    assert "does not answer" in notices[0] and "local copy is used" in notices[0]
+    off = StateShare(registry, prefix="p", arch="amd64", compress="none", push=False,
+                     notice=notices.append)
+    off.push_soon(cache, KEY)
+    off.wait()
+    assert len(notices) == 1  # pushes off: nothing tried, nothing said
