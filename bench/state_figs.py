@@ -142,8 +142,8 @@ def p9_state_registry(ctx: Ctx) -> Figure:
     fig.verdict = verdict(all(x["ready_s"] <= x["pull_s"] + 5 for x in pulled))
     if cold["push_s"] is not None:
         fig.notes.append(f"the cold run pushed the state ({cold['push_mib']} MiB sent, "
-                         f"uncompressed to loopback) in {cold['push_s']:.1f} s, after its "
-                         "pristine point, while the first test waited")
+                         f"uncompressed to loopback) in {cold['push_s']:.1f} s, in the "
+                         "background after its pristine point")
     fig.notes.append(f"pytest wall per run: cold {cold['suite_s']:.0f} s, empty store "
                      + ", ".join(f"{x['suite_s']:.0f} s" for x in pulled)
                      + " (the empty-store runs also pull the base)")
