@@ -304,11 +304,13 @@ class StateShare:
         }
         if vet.nvram_size is not None:
             wanted[NVRAM_TITLE] = (NVRAM_MEDIA_TYPE, lambda p: _check_nvram(p, vet.nvram_size))
-        pulled = pull_bundle(self.registry.client, tag, store, config_media_type=CONFIG_MEDIA_TYPE,
-                             arch=self.arch, key=key, wanted=wanted, required=list(wanted))
+        got: dict[str, str] = {}  # title -> digest of what pull_bundle installed so far
         tmps: list[Path] = []
         kept: set[str] = set()
         try:
+            pulled = pull_bundle(self.registry.client, tag, store,
+                                 config_media_type=CONFIG_MEDIA_TYPE, arch=self.arch, key=key,
+                                 wanted=wanted, required=list(wanted), into=got)
             meta = check_meta(pulled.config, key)
             state_tmp = store.tmp_path(".state")
             tmps.append(state_tmp)
@@ -338,7 +340,7 @@ class StateShare:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
             used = states.in_use()
-            for digest in set(pulled.files.values()) - kept - used:
+            for digest in set(got.values()) - kept - used:
                 with contextlib.suppress(CacheError, OSError):
                     store.remove(digest)
         seconds = time.monotonic() - start

@@ -105,14 +105,15 @@ class PulledBundle:
 
 def pull_bundle(client: Client, tag: str, store: Store, *, config_media_type: str,
                 arch: str, key: str, wanted: Mapping[str, tuple[str, Callable[[Path], None]]],
-                required: Sequence[str], log: Log = nolog) -> PulledBundle:
+                required: Sequence[str], log: Log = nolog,
+                into: dict[str, str] | None = None) -> PulledBundle:
     """Pull the artifact ``tag`` names into ``store``: its config (``config_media_type``,
     a JSON object) and the layers titled as in ``wanted`` (title -> (media type, check)).
     ArtifactNotFound when the tag is missing or names another arch or key; a one-line
     RegistryError/IntegrityError when it is malformed, lacks a ``required`` title, or a
     file fails its digest, size or ``check``. Layers are pulled in manifest order; on an
-    error, files already installed stay in the store with no name (the caller drops
-    them, or ``gc`` does)."""
+    error, files already installed stay in the store with no name: ``into`` (title ->
+    digest) is filled as each file is installed, so the caller can drop them."""
     what = f"{client.ref.name}:{tag}"
     manifest, manifest_digest = client.get_manifest(tag, arch)
     annotations = check_annotations(manifest.get("annotations"), what)
@@ -141,7 +142,7 @@ def pull_bundle(client: Client, tag: str, store: Store, *, config_media_type: st
     if missing:
         raise RegistryError(f"{what}: no layer titled {', '.join(missing)}; refused")
     moved = 0
-    files: dict[str, str] = {}
+    files: dict[str, str] = {} if into is None else into
     for title, layer in titled.items():
         media_type, check = wanted[title]
         digest, n = transfer.pull_layer(client, layer, store, log, check,
