@@ -9,7 +9,8 @@ Figures: P0 start-up cost of an installed, unused plugin, P1 local hit,
 P2 cold pull (vs curl and the podman path), P3 push peak RSS,
 P4 transfers per run at -n 1/2/4, P5 fixture -> ready VM (vs hand-run virsh),
 P6 reset per firmware and mechanism vs reboot reset, P7 cold build, P8 warm booted
-state vs cold boot, Z zstd vs none.
+state vs cold boot, P9 booted state pulled from the registry into an empty store,
+Z zstd vs none.
 Needs the host set up by `make host` (libvirtd, registry on 127.0.0.1:5000, .venv).
 """
 
@@ -31,12 +32,13 @@ from . import cache_figs, report, startup_figs, state_figs, vm_figs
 from .common import REPO_ROOT, Ctx, clean_env, log, machine_info
 from .figure import Figure
 
-ALL = ("P0", "P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "Z")
+ALL = ("P0", "P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "Z")
 TITLES = {"P0": "installed, unused plugin start-up",
           "P1": "local-hit resolve", "P2": "cold pull", "P3": "push peak RSS",
           "P4": "image transfers per run", "P5": "fixture request → ready VM",
           "P6": "reset per firmware vs reboot reset", "P7": "cold build",
-          "P8": "warm booted state vs cold boot", "Z": "zstd vs none"}
+          "P8": "warm booted state vs cold boot",
+          "P9": "state pulled from the registry into an empty store", "Z": "zstd vs none"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             run("+".join(sorted(vm_want)), lambda: vm_figs.vm_figures(ctx, vm_want))
         if "P8" in want:
             run("P8", lambda: state_figs.p8_state(ctx))
+        if "P9" in want:
+            run("P9", lambda: state_figs.p9_state_registry(ctx))
         if "P7" in want and not built_first:
             run("P7", lambda: cache_figs.p7_cold_build(ctx))
         ctx.sample_load()

@@ -29,7 +29,7 @@ KEEPS = ("never", "on-failure", "always")
 RESETS = ("snapshot", "restore", "internal", "reboot", "none")
 FIRMWARES = ("bios", "uefi", "uefi-secure", "uefi-secure-unenrolled")
 COMPRESSIONS = ("auto", "none", "zstd")
-STATE_CACHES = ("on", "off")
+STATE_CACHES = ("on", "off", "registry")
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
 
@@ -128,7 +128,9 @@ OPTIONS: tuple[Option, ...] = (
            "--flightvm-reset", "flightvm_reset", ("FLIGHTVM_RESET",), kind="choice", choices=RESETS,
            default="snapshot"),
     Option("state_cache", "restore a pooled VM from a saved booted state (same base, seed, "
-           "hardware) instead of booting it: on or off",
+           "hardware) instead of booting it: on (local store), off, or registry (also pull "
+           "states from --flightvm-registry, and push them where the base is pushed; QEMU "
+           "then runs a stream from the registry: only a registry you trust to run code here)",
            "--flightvm-state-cache", "flightvm_state_cache", ("FLIGHTVM_STATE_CACHE",),
            kind="choice", choices=STATE_CACHES,
            default="on"),

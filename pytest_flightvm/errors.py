@@ -69,6 +69,10 @@ class ArtifactNotFound(RegistryError):
     """The tag or digest does not exist in the registry."""
 
 
+class StateRefused(RegistryError):
+    """A booted state from the registry failed a check (metadata, save file, overlay, NVRAM)."""
+
+
 class BuildError(FlightVMError):
     """Building the base image failed."""
 

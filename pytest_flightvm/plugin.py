@@ -423,10 +423,12 @@ def _pool(request: pytest.FixtureRequest, name: str, profile: VMProfile | None =
 
         states = None
         settings: Settings = request.config.stash[_settings_key]
-        if settings.state_cache == "on":
+        if settings.state_cache in ("on", "registry"):
             from .vm.statecache import StateCache
+            from .vm.stateshare import StateShare
 
-            states = StateCache(settings.states_dir, notice=_progress(request.config))
+            states = StateCache(settings.states_dir, notice=_progress(request.config),
+                                share=StateShare.for_settings(settings, _progress(request.config)))
         pools[name] = VMPool(
             core,
             on_ready=lambda vm: hook.pytest_flightvm_vm_ready(vm=vm),

@@ -55,14 +55,80 @@ def check_qcow2(path: Path, what: str = "the build", *,
         _check_info(_qemu_img_info(path, what, error), what, error)
 
 
-def _check_header(header: bytes, what: str, error: type[FlightVMError]) -> None:
+def check_overlay(path: Path, base: Path, what: str, *,
+                  error: type[FlightVMError] = BuildError) -> None:
+    """Make ``path`` (an untrusted qcow2 overlay, e.g. a booted state's frozen disk from a
+    registry, writable by us) an overlay of our ``base`` and nothing else, or ``error``.
+
+    Its header is read first, before any tool opens it: a qcow2 of version 2 or 3 with no
+    external data file and no encryption, whose backing file is a store blob named as
+    ``base`` is (``.../sha256/<base digest>``: the same base, stored elsewhere; that path
+    is never opened); then ``qemu-img rebase -u`` (which opens neither the old nor the new
+    chain's data) points it at ``base``, and ``qemu-img info`` must show exactly that:
+    qcow2 backed by ``base`` as qcow2, no data file, not corrupt or encrypted, and the
+    base's virtual size."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(_HEADER.size + _HEADER_V3.size)
+    except OSError as exc:
+        raise error(f"cannot read {what} at {path}: {exc.strerror}") from None
+    if header[:len(QCOW2_MAGIC)] != QCOW2_MAGIC:
+        raise error(f"{what} is not a qcow2 disk image; refused")
+    _check_header(header, what, error, backing=True)
+    _, _, backing_offset, backing_size, *_rest = _HEADER.unpack_from(header)
+    try:
+        with open(path, "rb") as f:
+            f.seek(backing_offset)
+            backing_name = f.read(min(backing_size, 1023)).decode("utf-8", "replace")
+    except OSError as exc:
+        raise error(f"cannot read {what} at {path}: {exc.strerror}") from None
+    if not backing_size or backing_name.rsplit("/", 2)[-2:] != ["sha256", base.name]:
+        raise error(f"{what} is not an overlay of the base {base.name[:12]} (it names "
+                    f"{backing_name[:80]!r} as its backing file); refused")
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise ToolMissingError("checking a pulled overlay needs qemu-img; apt-get install "
+                               "qemu-utils")
+    try:
+        proc = subprocess.run([qemu_img, "rebase", "-u", "-f", "qcow2", "-b", str(base),
+                               "-F", "qcow2", "--", str(path)], capture_output=True,
+                              timeout=QEMU_IMG_TIMEOUT, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise error(f"qemu-img rebase on {what} took over {QEMU_IMG_TIMEOUT:g} s; "
+                    "refused") from None
+    if proc.returncode != 0:
+        reason = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise error(f"{what} could not be put on the base ("
+                    f"{reason[-1][:160] if reason else 'qemu-img rebase'}); refused")
+    info = _qemu_img_info(path, what, error)
+    base_info = _qemu_img_info(base, "the base image", error)
+    specific = (info.get("format-specific") or {}).get("data") or {}
+    problems = []
+    if info.get("format") != "qcow2":
+        problems.append(f"format {info.get('format')!r}")
+    if info.get("backing-filename") != str(base) or info.get("backing-filename-format") != "qcow2":
+        problems.append("another backing file")
+    if specific.get("data-file") or specific.get("data-file-raw"):
+        problems.append("an external data file")
+    if specific.get("corrupt") or info.get("encrypted"):
+        problems.append("the corrupt or encrypted flag")
+    if info.get("virtual-size") != base_info.get("virtual-size"):
+        problems.append(f"virtual size {info.get('virtual-size')} (the base has "
+                        f"{base_info.get('virtual-size')})")
+    if problems:
+        raise error(f"{what} is not a plain overlay of the base (qemu-img info shows "
+                    f"{', '.join(problems)}); refused")
+
+
+def _check_header(header: bytes, what: str, error: type[FlightVMError], *,
+                  backing: bool = False) -> None:
     if len(header) < _HEADER.size:
         raise error(f"{what} is not a qcow2 disk image (its header is cut short)")
     (_, version, backing_offset, backing_size, cluster_bits, size, crypt, *_rest) = \
         _HEADER.unpack_from(header)
     if version not in (2, 3):
         raise error(f"{what} is a qcow2 of version {version}; only versions 2 and 3 are used")
-    if backing_offset or backing_size:
+    if (backing_offset or backing_size) and not backing:
         raise error(f"{what} is a qcow2 that names a backing file; refused (a base image "
                     "must be self-contained: `qemu-img convert -O qcow2` flattens it)")
     if crypt:

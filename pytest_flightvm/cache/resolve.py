@@ -182,6 +182,12 @@ def _registry(settings: Settings, repository: str | None = None) -> FlightRegist
                           env_credentials=_configured_host(settings, repo))
 
 
+def registry_for(settings: Settings) -> FlightRegistry | None:
+    """The configured registry's client (None without one, or offline): the base's, which
+    booted states (vm/stateshare.py) share."""
+    return _registry(settings)
+
+
 def _configured_host(settings: Settings, repository: str) -> bool:
     """Is ``repository`` on the configured registry's host (``--flightvm-registry``, or
     without one, the pinned ``--flightvm-image``'s)? Only that host gets the

@@ -51,6 +51,7 @@ from .reaper import KEPT_MARKER
 from .savefile import read_header, retarget_xml, write_retargeted
 from .ssh import Login, SSHClient, generate_keypair, write_askpass
 from .statecache import SavedState
+from .stateshare import StateVetting
 from .volumes import BaseVolume, HostStorage, VMVolumes
 
 log = logging.getLogger("flightvm")
@@ -533,6 +534,31 @@ class VMFactory:
         machine.ready_seconds = time.monotonic() - start
         self.booted.append(machine)
         return machine, own
+
+    def state_vetting(self, request: VMRequest) -> StateVetting:
+        """What a state pulled from the registry for ``request`` is checked against: our
+        base (its overlay is rebased onto it), the firmware's NVRAM size, and the domain
+        XML its save file gets instead of the one it came with, built from our own
+        DomainSpec for ``request`` and the state's checked metadata (paths are
+        placeholders: restore_state retargets them, as for every restore)."""
+        nvram_size = (self.firmware.vars_template.stat().st_size
+                      if self.firmware.vars_template is not None else None)
+        placeholder = Path("/flightvm-state")
+
+        def domain_xml(meta: dict[str, Any]) -> str:
+            return DomainSpec(
+                name=meta["origin"], overlay=placeholder / "overlay.qcow2",
+                seed_iso=placeholder / "seed.iso", console_log=placeholder / "console.log",
+                ssh_port=22, mac=meta["mac"],
+                owner=Owner.current(self.run.run_id, self.run.worker, self.run.run_dir),
+                memory_mib=request.memory or self.settings.memory,
+                vcpus=request.vcpus or self.settings.vcpus, accel=meta["accel"], files=(),
+                firmware=self.firmware,
+                nvram=placeholder / "nvram.fd" if self.firmware.uefi else None,
+                tpm=False, cpu_model=self.settings.cpu,
+                outbound=self.settings.guest_outbound).to_xml()
+
+        return StateVetting(self.base_image, nvram_size, domain_xml)
 
     def state_meta(self, machine: Machine) -> dict[str, Any]:
         """What a VM restored from ``machine``'s state must know: its MAC, the host keys

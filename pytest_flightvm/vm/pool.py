@@ -21,7 +21,10 @@ mechanism, a VM the pool needs is first looked up by its state key: a hit is res
 (``VMFactory.restore_state``) instead of booted, and its pristine point *is* that state
 (the per-test reset is the same restore); a miss boots, and the pristine point it
 saves is published under the key. A state that fails to restore is evicted and the VM
-booted, with one warning line.
+booted, with one warning line. With ``--flightvm-state-cache registry`` a local miss
+first asks the registry (:mod:`stateshare`, vetted against the factory's
+``state_vetting``), and a state this pool published is pushed in the background once
+its VM runs again (``close`` waits for it).
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class VMPool:
         self._pristine: Pristine | str | None = None  # a Pristine, "internal", or none yet
         self._unsupported: set[str] = set()
         self.resets: list[dict[str, Any]] = []
+        self._unpushed: str | None = None  # a state this pool published, for the registry
 
     def _state_key(self, request: VMRequest, reset: str, accel: str | None = None) -> str | None:
         """The state key for ``request`` (under ``accel``), when the state cache applies."""
@@ -104,6 +108,13 @@ class VMPool:
     def _restore_saved(self, request: VMRequest, key: str) -> Machine | None:
         assert self.states is not None
         saved = self.states.lookup(key)
+        if saved is None and self.states.share is not None:  # --flightvm-state-cache registry
+            try:
+                vetting = self.factory.state_vetting(request)
+            except (FlightVMError, OSError) as exc:
+                self.notice(f"flightvm: a booted state cannot be pulled ({exc}); booting")
+                return None
+            saved = self.states.share.pull(self.states, key, vetting)
         if saved is None:
             return None
         try:
@@ -131,10 +142,13 @@ class VMPool:
 
         def publish(pristine: Pristine) -> Pristine | None:
             try:
-                return states.publish(key, pristine, self.factory.state_meta(machine))
+                published = states.publish(key, pristine, self.factory.state_meta(machine))
             except FlightVMError as exc:
                 self.notice(f"flightvm: the booted state of {machine.name} was not cached ({exc})")
                 return None
+            if published is not None and states.share is not None:
+                self._unpushed = key  # pushed once the VM runs again (_boot)
+            return published
 
         return publish
 
@@ -177,6 +191,9 @@ class VMPool:
         # also when no pristine point could be made: the profile's before_snapshot stopped
         # the agent, and the test still gets the VM as after a reset
         self.after_revert(machine)
+        if self._unpushed is not None and self.states is not None and self.states.share:
+            key, self._unpushed = self._unpushed, None
+            self.states.share.push_soon(self.states, key)  # waited for in close()
         return machine
 
     def acquire(self, request: VMRequest, reset: str) -> Machine:
@@ -229,3 +246,5 @@ class VMPool:
 
     def close(self) -> None:
         self.drop()
+        if self.states is not None and self.states.share is not None:
+            self.states.share.wait()

@@ -85,10 +85,9 @@ def read_header(path: Path) -> SaveHeader:
                       data[:xml_end].decode("utf-8"), cookie)
 
 
-def write_retargeted(src: Path, dest: Path, xml: str, *, header: SaveHeader | None = None) -> None:
-    """Copy save file ``src`` to ``dest`` (0600, created exclusively) with ``xml`` as its
-    domain XML; the cookie and QEMU's stream are copied unchanged."""
-    head = header or read_header(src)
+def _new_head(head: SaveHeader, xml: str) -> bytes:
+    """The header and data region of a save file like ``head`` with ``xml`` as its domain
+    XML (the cookie kept); FlightVMError when it does not fit the region."""
     body = xml.encode("utf-8") + b"\0"
     region = body + head.cookie
     if len(region) > head.data_len:
@@ -96,18 +95,37 @@ def write_retargeted(src: Path, dest: Path, xml: str, *, header: SaveHeader | No
                             f"({len(region)} > {head.data_len} bytes)")
     region += b"\0" * (head.data_len - len(region))
     cookie_off = len(body) if head.cookie else 0
+    return HEADER.pack(MAGIC, head.version, head.data_len, head.was_running, head.compressed,
+                       cookie_off) + region
+
+
+def write_retargeted(src: Path, dest: Path, xml: str, *, header: SaveHeader | None = None) -> None:
+    """Copy save file ``src`` to ``dest`` (0600, created exclusively) with ``xml`` as its
+    domain XML; the cookie and QEMU's stream are copied unchanged."""
+    head = header or read_header(src)
+    new_head = _new_head(head, xml)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            out.write(HEADER.pack(MAGIC, head.version, head.data_len, head.was_running,
-                                  head.compressed, cookie_off))
-            out.write(region)
+            out.write(new_head)
             out.flush()
             _copy_rest(inp, out, head.stream_offset)
     except BaseException:
         with contextlib.suppress(OSError):
             dest.unlink()
         raise
+
+
+def rewrite_in_place(path: Path, xml: str, *, header: SaveHeader | None = None) -> None:
+    """Give save file ``path`` (ours, writable) ``xml`` as its domain XML in place: only
+    the header and data region are written (same length), QEMU's stream is not copied."""
+    head = header or read_header(path)
+    new_head = _new_head(head, xml)
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        os.pwrite(fd, new_head, 0)
+    finally:
+        os.close(fd)
 
 
 def _copy_rest(inp: object, out: object, offset: int) -> None:

@@ -16,6 +16,9 @@ seed files rendered with a placeholder identity (instance-id, hostname, MAC, SSH
 are per VM), memory, vCPUs, firmware, TPM, CPU model, machine type, QEMU and libvirt
 versions, accel, the login, and a fingerprint of the hooks that run before the
 pristine point.
+
+The registry's side (push a published state, pull one on a miss) is :mod:`stateshare`,
+reached through :attr:`StateCache.share` when ``--flightvm-state-cache registry`` is set.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import Timeout
 
@@ -35,6 +38,9 @@ from ..cache.store import Store
 from ..errors import CacheError, FlightVMError
 from ..statedir import ensure_cache_dir, private_dir
 from .pristine import Pristine
+
+if TYPE_CHECKING:
+    from .stateshare import StateShare
 
 STATE_FORMAT = 1
 """Bump when what a state holds, or how it is restored, changes: old states stop matching."""
@@ -66,9 +72,11 @@ class SavedState:
 class StateCache:
     """The booted-state store of one cache dir."""
 
-    def __init__(self, root: Path, *, notice: Callable[[str], None]) -> None:
+    def __init__(self, root: Path, *, notice: Callable[[str], None],
+                 share: StateShare | None = None) -> None:
         self.root = root
         self.notice = notice
+        self.share = share  # the registry's side (vm/stateshare.py), or None: local only
         self._store: Store | None = None
 
     @property
@@ -143,14 +151,7 @@ class StateCache:
                 disk = self.store.import_file(pristine.disk, move=True)
                 nvram = (self.store.import_file(pristine.nvram, move=True)
                          if pristine.nvram is not None else None)
-                manifest = {**meta, "format": STATE_FORMAT, "key": key, "state": state,
-                            "disk": disk, "nvram": nvram, "created": time.time(),
-                            "sizes": {"state": self.store.blob_path(state).stat().st_size,
-                                      "disk": self.store.blob_path(disk).stat().st_size}}
-                with self.store.writer() as w:
-                    w.write(json.dumps(manifest, sort_keys=True).encode())
-                assert w.digest is not None
-                self.store.set_ref(self._ref(key), w.digest, origin=meta.get("origin"))
+                self.install(key, state=state, disk=disk, nvram=nvram, meta=meta)
         except Timeout:
             raise FlightVMError(f"the state lock for {key[:12]} stayed taken for "
                                 f"{LOCK_SECONDS:.0f}s") from None
@@ -158,6 +159,34 @@ class StateCache:
             raise FlightVMError(f"cannot store the state ({exc.strerror})") from None
         return Pristine(self.store.blob_path(state), self.store.blob_path(disk),
                         self.store.blob_path(nvram) if nvram else None)
+
+    def install(self, key: str, *, state: str, disk: str, nvram: str | None,
+                meta: dict[str, Any]) -> None:
+        """Name blobs already in the store as the state for ``key``: its manifest blob,
+        then the ref (last, atomically). The caller holds the key's lock."""
+        manifest = {**meta, "format": STATE_FORMAT, "key": key, "state": state,
+                    "disk": disk, "nvram": nvram, "created": time.time(),
+                    "sizes": {"state": self.store.blob_path(state).stat().st_size,
+                              "disk": self.store.blob_path(disk).stat().st_size}}
+        with self.store.writer() as w:
+            w.write(json.dumps(manifest, sort_keys=True).encode())
+        assert w.digest is not None
+        self.store.set_ref(self._ref(key), w.digest, origin=meta.get("origin"))
+
+    def manifest(self, key: str) -> dict[str, Any] | None:
+        """The manifest of the state for ``key`` (unchecked; :meth:`lookup` checks)."""
+        digest = self.store.get_ref(self._ref(key))
+        if digest is None:
+            return None
+        try:
+            data = json.loads(self.store.blob_path(digest).read_bytes())
+        except (OSError, ValueError, CacheError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def in_use(self) -> set[str]:
+        """Every digest a state names (manifests and their blobs)."""
+        return self._digests_in_use(exclude="")
 
     def evict(self, key: str) -> None:
         """Drop the state for ``key``: its ref, then its blobs."""

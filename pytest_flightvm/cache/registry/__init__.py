@@ -4,9 +4,9 @@
 :mod:`.auth` (credentials, challenges, tokens), :mod:`.client` (bounded
 requests, typed errors, manifests, tags), :mod:`.documents` (media types and
 manifest checks), :mod:`.transfer` (streamed, verified push and pull),
-:mod:`.layout` (the seed's container layout) and :mod:`.streams` (bounded
-byte streams). Content from a registry is untrusted: see each module for the
-bound it keeps.
+:mod:`.layout` (the seed's container layout), :mod:`.bundle` (several files as
+one artifact: booted states) and :mod:`.streams` (bounded byte streams).
+Content from a registry is untrusted: see each module for the bound it keeps.
 
 oras-py is not used: its ``pull`` does not verify digests, its ``push`` holds
 the whole file in memory (RSS 512 MiB for a 480 MiB disk), failed requests are

@@ -102,13 +102,16 @@ def pull_titled_layer(client: Client, layer: Mapping[str, Any], store: Store, lo
 
 
 def pull_layer(client: Client, layer: Mapping[str, Any], store: Store, log_fn: Log,
-               check: Callable[[Path], None]) -> tuple[str, int]:
+               check: Callable[[Path], None], *,
+               media_types: tuple[str, str] = (LAYER_MEDIA_TYPE, LAYER_MEDIA_TYPE_ZSTD),
+               label: str = "pulling base image") -> tuple[str, int]:
     """Pull a flightvm disk layer into ``store``; returns (store digest, wire bytes).
 
     The wire bytes must be the layer's declared size and digest; a zstd layer
     must decompress to exactly the disk size and digest its annotations
     declare (within :func:`decompressed_budget` of the wire size); ``check``
-    vets the complete disk before the store installs it.
+    vets the complete disk before the store installs it. ``media_types``: the
+    plain and the zstd media type to accept (a booted state's files use their own).
     """
     what = f"layer of {client.ref.name}"
     media_type = str(layer["mediaType"])
@@ -117,9 +120,10 @@ def pull_layer(client: Client, layer: Mapping[str, Any], store: Store, log_fn: L
     if size > MAX_DISK:
         raise RegistryError(f"{what} declares {size} bytes, more than {MAX_DISK >> 30} GiB; "
                             "refused")
-    if media_type == LAYER_MEDIA_TYPE:
+    plain_type, zstd_type = media_types
+    if media_type == plain_type:
         plain, plain_size = layer_digest, size
-    elif media_type == LAYER_MEDIA_TYPE_ZSTD:
+    elif media_type == zstd_type:
         plain = check_digest(annotations.get(ANN_DISK_DIGEST), f"{what} ({ANN_DISK_DIGEST})")
         text = annotations.get(ANN_DISK_SIZE, "")
         if not text.isdigit() or int(text) > decompressed_budget(size):
@@ -130,12 +134,12 @@ def pull_layer(client: Client, layer: Mapping[str, Any], store: Store, log_fn: L
         raise RegistryError(f"unsupported layer media type {media_type[:80]} in {client.ref.name}")
     if store.has(plain):
         return plain, 0  # same content already stored (another key or tag)
-    progress = Progress("pulling base image", size, log_fn)
+    progress = Progress(label, size, log_fn)
     resp = client.get_blob(layer_digest)
     try:
         chunks = client.bounded(resp, size, f"blob {layer_digest[:19]} of {client.ref.name}")
         with store.writer(expected=plain, size=plain_size, check=check) as w:
-            if media_type == LAYER_MEDIA_TYPE:
+            if media_type == plain_type:
                 for chunk in chunks:
                     w.write(chunk)
                     progress.update(len(chunk))
