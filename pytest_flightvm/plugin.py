@@ -26,6 +26,7 @@ from .errors import BootError, ConfigError, FlightVMError
 
 if TYPE_CHECKING:  # the VM layer is imported the first time a fixture needs it
     from .profile import VMProfile
+    from .progress import BootStatus
     from .vm.factory import RunContext, VMFactory
     from .vm.machine import Machine
     from .vm.pool import VMPool
@@ -199,60 +200,30 @@ def _one_line_errors() -> Iterator[None]:
         _fail_setup(exc)
 
 
-def _progress(config: pytest.Config) -> Any:
+def _uncaptured(config: pytest.Config) -> contextlib.AbstractContextManager[Any]:
     capman = config.pluginmanager.getplugin("capturemanager")
+    return capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
 
+
+def _progress(config: pytest.Config) -> Any:
     def emit(line: str) -> None:
-        if capman is not None:
-            with capman.global_and_fixture_disabled():
-                sys.stderr.write(line.rstrip() + "\n")
-        else:
+        with _uncaptured(config):
             sys.stderr.write(line.rstrip() + "\n")
-        sys.stderr.flush()
+            sys.stderr.flush()
 
     return emit
 
 
-class _BootStatus:
-    """While a VM boots: one live status line per VM on a terminal (elapsed time and the
-    last boot stage, rewritten in place), plain lines on each new stage when stdout is no
-    terminal or under xdist (workers share the controller's stderr), nothing with -qq."""
+def _boot_status(config: pytest.Config, console: bool) -> BootStatus:
+    """Live status lines on the controller's terminal (plain ones under xdist, without a
+    tty, or with --flightvm-console streaming to the same terminal), none with -qq."""
+    from .progress import BootStatus
 
-    def __init__(self, config: pytest.Config, console: bool = False) -> None:
-        self.config = config
-        self.quiet = (config.getoption("verbose") or 0) <= -2
-        self.tr = config.pluginmanager.getplugin("terminalreporter")
-        # --flightvm-console streams consoles to the same terminal: plain lines then
-        self.live = bool(self.tr is not None and _is_controller(config) and self.tr.isatty
-                         and not console)
-        self.plain = _progress(config)
-        self.last: dict[str, str] = {}
-
-    def __call__(self, vm: Machine, elapsed: float, stage: str, done: bool) -> None:
-        if self.quiet:
-            return
-        from .vm.bootstage import format_status
-
-        line = format_status(vm.name, elapsed, stage)
-        with contextlib.suppress(OSError, ValueError):  # a closed terminal stops no boot
-            if self.live:
-                self._rewrite(vm.name, line, done)
-            elif done or self.last.get(vm.name) != stage:
-                self.plain(line)
-        self.last[vm.name] = stage
-        if done:
-            self.last.pop(vm.name, None)
-
-    def _rewrite(self, name: str, line: str, done: bool) -> None:
-        capman = self.config.pluginmanager.getplugin("capturemanager")
-        with (capman.global_and_fixture_disabled() if capman is not None
-              else contextlib.nullcontext()):
-            if name not in self.last:
-                self.tr.ensure_newline()
-            self.tr.rewrite(line, erase=True)
-            if done:
-                self.tr.write("\n")
-            self.tr.flush()
+    tr = config.pluginmanager.getplugin("terminalreporter")
+    live = tr is not None and _is_controller(config) and tr.isatty and not console
+    return BootStatus(_progress(config), terminal=tr if live else None,
+                      quiet=(config.getoption("verbose") or 0) <= -2,
+                      uncaptured=lambda: _uncaptured(config))
 
 
 def _builder(config: pytest.Config, settings: Settings) -> Any:
@@ -358,7 +329,7 @@ def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
         factory = VMFactory(flightvm_settings, Path(flightvm_image.path), flightvm_run,
                             user_data_hook=user_data_hook, notice=emit,
                             console_out=pytestconfig.stash.get(_console_out_key, None),
-                            progress=_BootStatus(pytestconfig, flightvm_settings.console),
+                            progress=_boot_status(pytestconfig, flightvm_settings.console),
                             base_digest=getattr(flightvm_image, "digest", None) or None)
         try:
             factory.prepare_host()  # a remote host gets the base now (once per digest per host)

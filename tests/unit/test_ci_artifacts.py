@@ -149,7 +149,7 @@ def test_junit_entries_carry_the_vm(pytester: pytest.Pytester, tmp_path: Path) -
 
 STATUS_TESTS = '''
 import os
-from pytest_flightvm.plugin import _BootStatus
+from pytest_flightvm.plugin import _boot_status
 
 class VM:
     name = "flightvm-r-main-1"
@@ -158,7 +158,7 @@ def test_status(request):
     tr = request.config.pluginmanager.getplugin("terminalreporter")
     if os.environ.get("FAKE_TTY"):
         tr.isatty = True
-    status = _BootStatus(request.config)
+    status = _boot_status(request.config, False)
     for elapsed, stage in [(0, "firmware"), (1, "firmware"), (2, "kernel"), (3, "kernel"),
                            (4, "cloud-init init")]:
         status(VM(), float(elapsed), stage, False)
