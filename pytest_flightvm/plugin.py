@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-import json
 import os
 import sys
 import time
@@ -608,59 +607,18 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     run_id, _ = config.stash[_run_id_key]
     if not (settings.runs_dir / run_id).exists():
         return  # no fixture made the run dir: no VM, nothing to say (and nothing imported)
-    from .metrics import aggregate
+    from .metrics import aggregate, kept_lines, publish, summary_lines
 
     run = _run_context(config, settings)
     summary = aggregate(run)
     if not summary["resolves"] and not summary["vms"]:
         return
-    tr = terminalreporter
-    tr.section("flightvm")
-    for res in summary["resolves"]:
-        if res["source"] != "local":
-            tr.write_line(f"image: source={res['source']} bytes={res['bytes']} "
-                          f"seconds={res['seconds']:.1f} digest={res['digest'][:19]}")
-    local_hits = sum(1 for r in summary["resolves"] if r["source"] == "local")
-    tr.write_line(f"image resolves: {summary['image_transfers']} transfer/build, "
-                  f"{local_hits} local hit(s)")
-    for vm in summary["vms"]:
-        reverts = vm.get("revert_seconds") or []
-        rev = f" reverts={len(reverts)} median={sorted(reverts)[len(reverts) // 2]:.1f}s" \
-            if reverts else ""
-        ready = vm.get("ready_seconds")
-        if vm.get("start") == "restored" and ready is not None:
-            tr.write_line(f"vm {vm['name']}: accel={vm['accel']} restored "
-                          f"request_to_ready={ready:.1f}s{rev}")
-            continue
-        boot = vm.get("boot_seconds")
-        tr.write_line(f"vm {vm['name']}: accel={vm['accel']} booted boot_to_ready="
-                      f"{boot:.1f}s{rev}" if boot is not None else f"vm {vm['name']}: not ready")
-    resets = summary["resets"]
-    if resets:
-        reverts = sorted(r["seconds"] for r in resets if r["mode"] != "reboot" and r["ok"])
-        fallbacks = sum(1 for r in resets if r["mode"] != "reboot" and not r["ok"])
-        reboots = sum(1 for r in resets if r["mode"] == "reboot")
-        kinds = "/".join(sorted({r["mode"] for r in resets if r["mode"] != "reboot"})) or "pristine"
-        med = f", median {reverts[len(reverts) // 2]:.1f}s, max {reverts[-1]:.1f}s" if reverts else ""
-        tr.write_line(f"resets: {len(reverts)} {kinds} reset(s){med}; {reboots} fresh boot(s)"
-                      + (f"; {fallbacks} failed revert(s) replaced by a fresh boot" if fallbacks else ""))
-    for kept in run.run_dir.glob("kept-*.txt"):
-        tr.write_line(kept.read_text().rstrip())
-    if settings.metrics:
-        settings.metrics.parent.mkdir(parents=True, exist_ok=True)
-        settings.metrics.write_text(json.dumps(summary, indent=2, default=str))
-        tr.write_line(f"metrics written to {settings.metrics}")
-    if settings.artifacts is not None:
-        from . import artifacts
-
-        try:
-            where = artifacts.artifact_dir(settings.artifacts)
-            path = artifacts.write_new(where, f"flightvm-{run.run_id}", ".metrics.json",
-                                       json.dumps(summary, indent=2, default=str).encode())
-        except (ConfigError, OSError) as exc:
-            tr.write_line(f"flightvm: artifacts not written: {exc}")
-        else:
-            tr.write_line(f"artifacts (consoles, metrics) in {where} ({path.name})")
+    terminalreporter.section("flightvm")
+    for line in summary_lines(summary) + kept_lines(run.run_dir):
+        terminalreporter.write_line(line)
+    for line in publish(summary, run.run_id, metrics=settings.metrics,
+                        artifacts=settings.artifacts):
+        terminalreporter.write_line(line)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
