@@ -230,27 +230,10 @@ def _builder(config: pytest.Config, settings: Settings) -> Any:
 
     impls = config.pluginmanager.hook.pytest_flightvm_build_image.get_hookimpls()
     if impls:
-        sources = []
-        for impl in impls:
-            try:
-                sources.append(inspect.getsource(impl.function))
-            except (OSError, TypeError):
-                sources.append(impl.plugin_name)
-        identity = "hook:" + hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
-
-        class HookBuilder:
-            def __init__(self) -> None:
-                self.identity = identity
-
-            def build(self, output: Path, *, log: Any = None) -> None:
-                key = os.environ.get("FLIGHTVM_KEY", "")
-                result = config.hook.pytest_flightvm_build_image(config=config, output=output,
-                                                                 key=key)
-                if not result:
-                    raise FlightVMError("pytest_flightvm_build_image returned no result; "
-                                        "return True after writing the qcow2 to `output`")
-
-        return HookBuilder()
+        return build.HookBuilder(
+            [(impl.function, impl.plugin_name) for impl in impls],
+            lambda output, key: config.hook.pytest_flightvm_build_image(config=config,
+                                                                        output=output, key=key))
     if settings.build_cmd:
         return build.CommandBuilder(settings.build_cmd)
     return None  # resolve falls back to the built-in Debian builder
@@ -297,6 +280,7 @@ def flightvm_image(pytestconfig: pytest.Config, flightvm_settings: Settings,
         image = resolve_image(
             flightvm_settings, _builder(pytestconfig, flightvm_settings),
             record=flightvm_run.run_dir / "resolves.jsonl", log=_progress(pytestconfig),
+            run=flightvm_run.run_id,
         )
     return image
 
