@@ -8,8 +8,6 @@ module (and ``hooks.py``) are the only ones that import pytest.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
 import os
 import sys
 import time
@@ -21,14 +19,14 @@ import pytest
 
 from . import hooks
 from .config import OPTIONS, Settings, option_help, resolve, resolve_explicit
-from .errors import BootError, ConfigError, FlightVMError
+from .errors import ConfigError, FlightVMError
 
 if TYPE_CHECKING:  # the VM layer is imported the first time a fixture needs it
     from .profile import VMProfile
     from .progress import BootStatus
     from .vm.factory import RunContext, VMFactory
     from .vm.machine import Machine
-    from .vm.pool import VMPool
+    from .vm.session import VMSession
 
 RUN_ID_KEY = "flightvm_run_id"
 OWNER_KEY = "flightvm_owner_pid"
@@ -36,7 +34,8 @@ _settings_key = pytest.StashKey[Settings]()
 _run_key = pytest.StashKey["RunContext"]()
 _run_id_key = pytest.StashKey[tuple[str, str]]()  # (run id, worker), set at configure
 _used_vms_key = pytest.StashKey[list["Machine"]]()
-_state_key = pytest.StashKey[dict[str, Any]]()
+_session_key = pytest.StashKey["VMSession"]()
+_profiles_key = pytest.StashKey[dict[Path, "VMProfile"]]()  # flightctl_vm's, by config dir
 _console_out_key = pytest.StashKey[TextIO]()
 
 
@@ -122,7 +121,6 @@ def _new_run_id() -> str:
     """Short, sortable, unique: ``YYMMDDHHMMSS-xxxx`` (as ``vm.factory.new_run_id``, without
     importing the VM layer at start-up)."""
     import secrets
-    import time
 
     return time.strftime("%y%m%d%H%M%S") + "-" + secrets.token_hex(2)
 
@@ -158,7 +156,6 @@ def pytest_configure(config: pytest.Config) -> None:
         run_id, worker = _new_run_id(), "main"
     # The run dir is created lazily, the first time a fixture needs it.
     config.stash[_run_id_key] = (run_id, worker)
-    config.stash[_state_key] = {}
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "flightvm-xdist")
 
@@ -321,8 +318,27 @@ def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
             raise
     yield factory
     factory.close()
+    session = pytestconfig.stash.get(_session_key, None)
     write_worker_metrics(flightvm_run, flightvm_image, factory,
-                         resets=pytestconfig.stash[_state_key].get("resets", []))
+                         resets=session.resets if session is not None else [])
+
+
+@pytest.fixture(scope="session")
+def _flightvm_session(pytestconfig: pytest.Config, flightvm_settings: Settings,
+                      flightvm_run: RunContext, _flightvm_core: VMFactory) -> Iterator[VMSession]:
+    """The worker's pooled VMs (``vm.session``); its pools close before the factory does."""
+    from .vm.session import STATE_HOOKS, VMSession
+
+    hook = pytestconfig.hook
+    session = pytestconfig.stash[_session_key] = VMSession(
+        _flightvm_core, flightvm_settings, flightvm_run, notice=_progress(pytestconfig),
+        vm_ready=lambda vm: hook.pytest_flightvm_vm_ready(vm=vm),
+        before_snapshot=lambda vm: hook.pytest_flightvm_before_snapshot(vm=vm),
+        after_revert=lambda vm: hook.pytest_flightvm_after_revert(vm=vm),
+        implementations=lambda: {name: [impl.function for impl in getattr(hook, name).get_hookimpls()]
+                                 for name in STATE_HOOKS})
+    yield session
+    session.close()
 
 
 @pytest.fixture(scope="session")
@@ -334,9 +350,10 @@ def flightvm_factory(_flightvm_core: VMFactory, pytestconfig: pytest.Config) -> 
                    vcpus: int | None = None, user_data: dict[str, Any] | None = None,
                    host_ports: list[int] | tuple[int, ...] | None = None) -> Machine:
             from .vm.factory import VMRequest
+            from .vm.session import host_ports as with_ports
 
             with _one_line_errors():
-                ports = _host_ports(_flightvm_core.settings, host_ports, "flightvm_factory.create")
+                ports = with_ports(_flightvm_core.settings, host_ports, "flightvm_factory.create")
                 vm = _flightvm_core.create(VMRequest(
                     name=name, memory=memory, vcpus=vcpus,
                     user_data=(user_data,) if user_data else (), host_ports=ports))
@@ -349,156 +366,25 @@ def flightvm_factory(_flightvm_core: VMFactory, pytestconfig: pytest.Config) -> 
     return Factory()
 
 
-def _pool(request: pytest.FixtureRequest, name: str, profile: VMProfile | None = None) -> VMPool:
-    """The worker's pool for one kind of VM. Around a reset the order is: ``profile``'s
-    ``before_snapshot``, the user's ``pytest_flightvm_before_snapshot``, the pristine point;
-    and after each reset: ``profile.after_revert``, the user's ``pytest_flightvm_after_revert``,
-    ``profile.resume`` (the flightctl profile's agent is stopped while both user hooks run)."""
-    state = request.config.stash[_state_key]
-    pools: dict[str, VMPool] = state.setdefault("pools", {})
-    if name not in pools:
-        from .vm.pool import VMPool
-
-        core: VMFactory = request.getfixturevalue("_flightvm_core")
-        hook = request.config.hook
-
-        def before_snapshot(vm: Machine) -> None:
-            if profile is not None:
-                profile.before_snapshot(vm)
-            hook.pytest_flightvm_before_snapshot(vm=vm)
-
-        def after_revert(vm: Machine) -> None:
-            if profile is not None:
-                profile.after_revert(vm)
-            hook.pytest_flightvm_after_revert(vm=vm)
-            if profile is not None:
-                profile.resume(vm)
-            state["resumed"] = True
-
-        states = None
-        settings: Settings = request.config.stash[_settings_key]
-        if settings.state_cache == "on":
-            from .vm.statecache import StateCache
-
-            states = StateCache(settings.states_dir, notice=_progress(request.config))
-        pools[name] = VMPool(
-            core,
-            on_ready=lambda vm: hook.pytest_flightvm_vm_ready(vm=vm),
-            before_snapshot=before_snapshot,
-            after_revert=after_revert,
-            notice=_progress(request.config),
-            states=states,
-            state_inputs=_state_inputs(request.config, profile),
-        )
-    return pools[name]
-
-
-def _state_inputs(config: pytest.Config, profile: VMProfile | None) -> tuple[str, ...]:
-    """Fingerprints of the code that shapes a VM before its pristine point (the user's
-    ``vm_ready`` and ``before_snapshot`` hooks, the profile's class): part of the state
-    key, so changing that code makes a new state instead of restoring a stale one."""
-    def fingerprint(obj: Any) -> str:
-        try:
-            text = inspect.getsource(obj)
-        except (OSError, TypeError):
-            code = getattr(obj, "__code__", None)
-            text = repr(code.co_code if code is not None else obj)
-        name = getattr(obj, "__qualname__", type(obj).__name__)
-        return f"{name}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-
-    parts: list[str] = []
-    for hookname in ("pytest_flightvm_vm_ready", "pytest_flightvm_before_snapshot"):
-        caller = getattr(config.hook, hookname)
-        parts.extend(f"{hookname}={fingerprint(impl.function)}" for impl in caller.get_hookimpls())
-    if profile is not None:
-        parts.append(f"profile={fingerprint(type(profile))}")
-    return tuple(parts)
-
-
-MARKER_ARGS = ("memory", "vcpus", "user_data", "reset", "host_ports", "agent")
-
-
-def _marker_overrides(request: pytest.FixtureRequest) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    for mark in reversed(list(request.node.iter_markers("flightvm"))):
-        merged.update(mark.kwargs)
-    unknown = set(merged) - set(MARKER_ARGS)
-    if unknown:
-        _fail_setup(ConfigError(f"marker flightvm: unknown argument(s) {sorted(unknown)}; "
-                                f"use {', '.join(MARKER_ARGS)}"))
-    if merged.get("agent", "running") not in ("running", "stopped"):
-        _fail_setup(ConfigError(f"marker flightvm: agent={merged['agent']!r} is not one of "
-                                "'running', 'stopped'"))
-    return merged
-
-
-def _host_ports(settings: Settings, extra: Any, where: str) -> tuple[int, ...]:
-    """The configured host ports plus those a marker or a factory call adds."""
-    from .config import parse_ports
-
-    return tuple(dict.fromkeys(settings.host_ports
-                               + (parse_ports(extra, where) if extra is not None else ())))
-
-
-def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[str, Any],
+def _pooled_vm(request: pytest.FixtureRequest, kind: str, user_data: dict[str, Any],
                profile: VMProfile | None = None) -> Iterator[Machine]:
-    from .vm.factory import VMRequest
+    from .vm.session import pooled_request
 
     settings: Settings = request.getfixturevalue("flightvm_settings")
-    marks = _marker_overrides(request)
-    reset = marks.get("reset") or settings.reset
-    user_datas = tuple(u for u in (user_data, marks.get("user_data")) if u)
-    try:
-        host_ports = _host_ports(settings, marks.get("host_ports"), "marker flightvm host_ports")
-    except ConfigError as exc:
-        _fail_setup(exc)
-    # The pool's VM boots (and is saved at its pristine point) with no forwards; they are
-    # opened per test below, after any reset, so a marker's ports cost a forward, not a boot.
-    req = VMRequest(memory=marks.get("memory"), vcpus=marks.get("vcpus"),
-                    user_data=(profile.user_data if profile else ()) + user_datas,
-                    seed_payload=profile.seed_payload if profile else {},
-                    ready_checks=profile.ready_checks if profile else (), host_ports=())
-    pool = _pool(request, pool_name, profile)
-    state = request.config.stash[_state_key]
-    previous, started = pool.current, time.monotonic()
-    try:
-        if profile is not None:
-            profile.configure(marks)
-        before = len(pool.resets)
-        state["resumed"] = False
-        vm = pool.acquire(req, reset)
-        if profile is not None and not state["resumed"]:
-            profile.resume(vm)  # no reset ran (reset=none, or reboot mode): apply the marker
-        resets = state.setdefault("resets", [])
-        resets.extend({**r, "test": request.node.nodeid} for r in pool.resets[before:])
-        # a reset rolled the guest back under the forwarding connection: open it again
-        vm.set_host_ports(host_ports, reopen=len(pool.resets) > before)
-        if vm is not previous or any(r["mode"] == "reboot" for r in pool.resets[before:]):
-            made = "booted"
-        else:
-            made = "reset" if len(pool.resets) > before else "reused"
-        _record_vm(request, vm, made, time.monotonic() - started)
-    except BootError as exc:
-        failed_vm: Machine | None = getattr(exc, "machine", None)
-        if failed_vm is not None:
-            _record_vm(request, failed_vm, "boot failed", time.monotonic() - started)
-            if profile is not None and not exc.detail.count("--- journal"):
-                exc.detail += "\n" + _best_effort(profile.diagnose, failed_vm)
-            if settings.keep != "never":
-                _keep(request, pool, failed_vm)
-            else:
-                pool.factory.discard(failed_vm)
-        _fail_setup(exc)
-    except FlightVMError as exc:
-        _fail_setup(exc)
+    marks: dict[str, Any] = {}
+    for mark in reversed(list(request.node.iter_markers("flightvm"))):
+        marks.update(mark.kwargs)
+    with _one_line_errors():  # a bad marker fails the test before any VM is asked for
+        req, reset, ports = pooled_request(settings, marks, user_data, profile)
+    session: VMSession = request.getfixturevalue("_flightvm_session")
+    with _one_line_errors():
+        vm = session.acquire(kind, req, reset, ports, marks=marks, profile=profile,
+                             test=request.node.nodeid,
+                             record=lambda vm, made, seconds: _record_vm(request, vm, made, seconds))
     request.node.stash.setdefault(_used_vms_key, []).append(vm)
     yield vm
     rep = getattr(request.node, "_flightvm_rep_call", None)
-    failed = bool(rep is not None and rep.failed) or vm.failed
-    keep = settings.keep == "always" or (settings.keep == "on-failure" and failed)
-    if keep and pool.current is vm:
-        pool.detach()
-        _keep(request, pool, vm)
+    session.release(kind, vm, failed=bool(rep is not None and rep.failed))
 
 
 def _record_vm(request: pytest.FixtureRequest, vm: Machine, made: str, seconds: float) -> None:
@@ -511,19 +397,6 @@ def _record_vm(request: pytest.FixtureRequest, vm: Machine, made: str, seconds: 
     artifact = getattr(vm, "artifact", None)
     if artifact is not None:
         props.append(("flightvm_console", str(artifact)))
-
-
-def _keep(request: pytest.FixtureRequest, pool: VMPool, vm: Machine) -> None:
-    # no getfixturevalue here: this runs in teardown too; the settings are resolved by now
-    run = _run_context(request.config, _settings(request.config))
-    (run.run_dir / f"kept-{vm.name}.txt").write_text(pool.factory.keep(vm) + "\n")
-
-
-def _best_effort(diagnose: Any, vm: Machine) -> str:
-    try:
-        return str(diagnose(vm))
-    except Exception as exc:  # noqa: BLE001 - diagnosis must not hide the real failure
-        return f"(could not collect diagnostics: {exc})"
 
 
 @pytest.fixture
@@ -546,7 +419,7 @@ def flightctl_vm(request: pytest.FixtureRequest, flightvm_settings: Settings,
     except ConfigError as exc:
         raise pytest.UsageError(f"flightvm: {exc}") from None
     # One profile per worker and config dir: the pool matches VMs by its ready checks' ids.
-    profiles = request.config.stash[_state_key].setdefault("profiles", {})
+    profiles = request.config.stash.setdefault(_profiles_key, {})
     if vm_config.root not in profiles:
         profiles[vm_config.root] = flightctl.FlightctlProfile(vm_config)
     yield from _pooled_vm(request, "flightctl", flightvm_user_data, profiles[vm_config.root])
@@ -567,15 +440,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
                 if text:
                     rep.sections.append((f"flightvm {vm.name}", text))
     return rep
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    config = session.config
-    state = config.stash.get(_state_key, None)
-    if state is None:
-        return
-    for pool in state.get("pools", {}).values():
-        pool.close()
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
