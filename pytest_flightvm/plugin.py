@@ -249,22 +249,14 @@ def flightvm_settings(pytestconfig: pytest.Config) -> Settings:
 @pytest.fixture(scope="session")
 def flightvm_run(pytestconfig: pytest.Config, flightvm_settings: Settings) -> RunContext:
     """This run's id and directory (shared by all xdist workers of the run)."""
-    from .vm.factory import make_run_dir
-    from .vm.reaper import write_run_file
+    from .vm.factory import RunContext
 
-    run = _run_context(pytestconfig, flightvm_settings)
-    problem = None
-    try:  # private (0700, ours, no planted link), in a cache dir of ours
-        make_run_dir(flightvm_settings.runs_dir, run.run_id)
-    except FlightVMError as exc:
-        problem = exc
-    if problem is not None:  # failed outside the except: no chained traceback in the report
-        _fail_setup(problem)
-    if not (run.run_dir / "run.json").exists():
-        # The run belongs to the controller: the reaper keeps it while that pid lives.
-        owner = getattr(pytestconfig, "workerinput", {}).get(OWNER_KEY)
-        write_run_file(run.run_dir, pid=owner)
-    return run
+    run_id, worker = pytestconfig.stash[_run_id_key]
+    owner = getattr(pytestconfig, "workerinput", {}).get(OWNER_KEY)  # the controller's pid
+    with _one_line_errors():  # private (0700, ours, no planted link), in a cache dir of ours
+        pytestconfig.stash[_run_key] = RunContext.open(flightvm_settings.runs_dir, run_id,
+                                                       worker, owner)
+    return pytestconfig.stash[_run_key]
 
 
 @pytest.fixture(scope="session")
@@ -292,30 +284,18 @@ def flightvm_user_data() -> dict[str, Any]:
 def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
                    flightvm_run: RunContext, flightvm_image: Any) -> Iterator[VMFactory]:
     from .metrics import write_worker_metrics
-    from .vm.factory import VMFactory
-    from .vm.reaper import reap
-
-    emit = _progress(pytestconfig)
-    with _one_line_errors():
-        hosts = flightvm_settings.host_list
-        reap(tuple(h.uri for h in hosts), flightvm_settings.runs_dir, log=emit,
-             pools=tuple(h.pool for h in hosts if not h.local))
+    from .vm.factory import open_factory
 
     def user_data_hook(name: str, user_data: dict[str, Any]) -> None:
         pytestconfig.hook.pytest_flightvm_user_data(config=pytestconfig, vm_name=name,
                                                     user_data=user_data)
 
     with _one_line_errors():
-        factory = VMFactory(flightvm_settings, Path(flightvm_image.path), flightvm_run,
-                            user_data_hook=user_data_hook, notice=emit,
-                            console_out=pytestconfig.stash.get(_console_out_key, None),
-                            progress=_boot_status(pytestconfig, flightvm_settings.console),
-                            base_digest=getattr(flightvm_image, "digest", None) or None)
-        try:
-            factory.prepare_host()  # a remote host gets the base now (once per digest per host)
-        except BaseException:
-            factory.close()
-            raise
+        factory = open_factory(flightvm_settings, Path(flightvm_image.path), flightvm_run,
+                               user_data_hook=user_data_hook, notice=_progress(pytestconfig),
+                               console_out=pytestconfig.stash.get(_console_out_key, None),
+                               progress=_boot_status(pytestconfig, flightvm_settings.console),
+                               base_digest=getattr(flightvm_image, "digest", None) or None)
     yield factory
     factory.close()
     session = pytestconfig.stash.get(_session_key, None)
@@ -344,26 +324,14 @@ def _flightvm_session(pytestconfig: pytest.Config, flightvm_settings: Settings,
 @pytest.fixture(scope="session")
 def flightvm_factory(_flightvm_core: VMFactory, pytestconfig: pytest.Config) -> Any:
     """``create(**overrides) -> VM`` for extra VMs; all are destroyed at session end."""
+    from .vm.session import ExtraVMs
 
-    class Factory:
-        def create(self, *, name: str | None = None, memory: int | None = None,
-                   vcpus: int | None = None, user_data: dict[str, Any] | None = None,
-                   host_ports: list[int] | tuple[int, ...] | None = None) -> Machine:
-            from .vm.factory import VMRequest
-            from .vm.session import host_ports as with_ports
-
+    class Factory(ExtraVMs):
+        def make(self, **request: Any) -> Machine:
             with _one_line_errors():
-                ports = with_ports(_flightvm_core.settings, host_ports, "flightvm_factory.create")
-                vm = _flightvm_core.create(VMRequest(
-                    name=name, memory=memory, vcpus=vcpus,
-                    user_data=(user_data,) if user_data else (), host_ports=ports))
-            pytestconfig.hook.pytest_flightvm_vm_ready(vm=vm)
-            return vm
+                return super().make(**request)
 
-        def destroy(self, vm: Machine) -> None:
-            _flightvm_core.discard(vm)
-
-    return Factory()
+    return Factory(_flightvm_core, lambda vm: pytestconfig.hook.pytest_flightvm_vm_ready(vm=vm))
 
 
 def _pooled_vm(request: pytest.FixtureRequest, kind: str, user_data: dict[str, Any],

@@ -14,7 +14,8 @@ the test, :meth:`VMSession.release` with whether it failed. The session owns:
   VM failed; a kept VM leaves its pool and its hint (``kept-<name>.txt``) goes in the
   run dir for the summary.
 
-Marker arguments are checked here too (:func:`pooled_request`), before any VM is asked for.
+Marker arguments are checked here too (:func:`pooled_request`), before any VM is asked
+for; :class:`ExtraVMs` is the ``flightvm_factory`` fixture's object.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def check_marks(marks: Mapping[str, Any]) -> dict[str, Any]:
     return dict(marks)
 
 
-def host_ports(settings: Settings, extra: Any, where: str) -> tuple[int, ...]:
+def all_host_ports(settings: Settings, extra: Any, where: str) -> tuple[int, ...]:
     """The configured host ports plus those a marker or a factory call adds."""
     return tuple(dict.fromkeys(settings.host_ports
                                + (parse_ports(extra, where) if extra is not None else ())))
@@ -66,7 +67,7 @@ def pooled_request(settings: Settings, marks: Mapping[str, Any], user_data: Mapp
     The pool's VM boots (and is saved at its pristine point) with no forwards; the ports
     are opened per test, after any reset, so a marker's ports cost a forward, not a boot."""
     marks = check_marks(marks)
-    ports = host_ports(settings, marks.get("host_ports"), "marker flightvm host_ports")
+    ports = all_host_ports(settings, marks.get("host_ports"), "marker flightvm host_ports")
     user_datas = tuple(u for u in (user_data, marks.get("user_data")) if u)
     req = VMRequest(memory=marks.get("memory"), vcpus=marks.get("vcpus"),
                     user_data=(profile.user_data if profile else ()) + user_datas,
@@ -216,3 +217,30 @@ class VMSession:
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+
+
+class ExtraVMs:
+    """``create(**overrides) -> VM`` for VMs beside the pooled one, each handed to the
+    user's ``vm_ready`` hook once ready; the factory destroys them all at session end."""
+
+    def __init__(self, factory: VMFactory, vm_ready: VMHook) -> None:
+        self.factory, self.vm_ready = factory, vm_ready
+
+    def create(self, *, name: str | None = None, memory: int | None = None,
+               vcpus: int | None = None, user_data: dict[str, Any] | None = None,
+               host_ports: list[int] | tuple[int, ...] | None = None) -> Machine:
+        vm = self.make(name=name, memory=memory, vcpus=vcpus, user_data=user_data,
+                       host_ports=host_ports)
+        self.vm_ready(vm)
+        return vm
+
+    def make(self, *, name: str | None, memory: int | None, vcpus: int | None,
+             user_data: dict[str, Any] | None, host_ports: Any) -> Machine:
+        """A ready VM (FlightVMError when it cannot be made or the ports are bad)."""
+        ports = all_host_ports(self.factory.settings, host_ports, "flightvm_factory.create")
+        return self.factory.create(VMRequest(name=name, memory=memory, vcpus=vcpus,
+                                             user_data=(user_data,) if user_data else (),
+                                             host_ports=ports))
+
+    def destroy(self, vm: Machine) -> None:
+        self.factory.discard(vm)
