@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import pytest
 
 from . import hooks
-from .config import OPTIONS, Settings, option_help, resolve, resolve_explicit
+from .config import (
+    OPTIONS,
+    Settings,
+    flag_declarations,
+    ini_kind,
+    option_help,
+    resolve,
+    resolve_explicit,
+)
 from .errors import ConfigError, FlightVMError
 
 if TYPE_CHECKING:  # the VM layer is imported the first time a fixture needs it
@@ -42,30 +50,12 @@ _console_out_key = pytest.StashKey[TextIO]()
 # ----------------------------------------------------------------- options
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("flightvm", "real VMs for E2E tests (pytest-flightvm)")
-    for opt in OPTIONS:
-        text = option_help(opt)  # names the env var(s) and the default
-        if opt.cli:
-            if opt.kind == "bool":
-                group.addoption(opt.cli, action="store_const", const=True, default=None,
-                                dest=f"flightvm_{opt.name}", help=text)
-                if opt.name == "push":
-                    group.addoption("--flightvm-no-push", action="store_const", const=False,
-                                    dest="flightvm_push", help="never push after a build")
-            elif opt.kind == "ports":  # repeatable
-                group.addoption(opt.cli, action="append", default=None, metavar=opt.metavar,
-                                dest=f"flightvm_{opt.name}", help=text)
-            else:
-                # an explicit metavar: pytest would show the dest (FLIGHTVM_MEMORY), which
-                # reads like an env var that does not exist
-                group.addoption(opt.cli, action="store", default=None,
-                                dest=f"flightvm_{opt.name}", help=text,
-                                choices=list(opt.choices) or None,
-                                metavar=opt.metavar or ("{" + ",".join(opt.choices) + "}"))
+    for opt in OPTIONS:  # declared one by one from config.OPTIONS (help names env and default)
+        for flag, kwargs in flag_declarations(opt):
+            group.addoption(flag, **kwargs)
         if opt.ini:
-            if opt.kind in ("linelist", "ports"):
-                parser.addini(opt.ini, text, type="linelist", default=[])
-            else:
-                parser.addini(opt.ini, text, type="string", default=None)
+            kind, default = ini_kind(opt)
+            parser.addini(opt.ini, option_help(opt), type=kind, default=default)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
