@@ -149,66 +149,38 @@ class FakeFactory:
         _dump(self)
 
 
-class FakePool:
-    """``vm.pool.VMPool``'s face and callback order, with no libvirt."""
+class FakePool(pool_module.VMPool):
+    """``vm.pool.VMPool`` with its boot and reset replaced (no libvirt), in the real pool's
+    callback order; detach, drop and close are the real pool's."""
 
-    def __init__(self, factory: FakeFactory, *, on_ready: Callable[[Any], None],
-                 before_snapshot: Callable[[Any], None], after_revert: Callable[[Any], None],
-                 notice: Callable[[str], None], states: Any = None,
-                 state_inputs: tuple[str, ...] = ()) -> None:
-        self.factory, self.on_ready = factory, on_ready
-        self.before_snapshot, self.after_revert = before_snapshot, after_revert
-        self.state_inputs = state_inputs
-        self.current: Any = None
-        self.resets: list[dict[str, Any]] = []
-        self._key: Any = None
-        self._dirty = False
-        STATE_INPUTS.append(list(state_inputs))
+    def __init__(self, factory: Any, **callbacks: Any) -> None:
+        super().__init__(factory, **callbacks)
+        STATE_INPUTS.append(list(self.state_inputs))
 
     def _boot(self, request: Any, reset: str) -> Any:
         vm = self.factory.create(request)
         EVENTS.append("boot")
         self.on_ready(vm)
         self.current, self._key, self._dirty = vm, request.spec_key(), False
-        if reset in ("snapshot", "restore", "internal"):
+        if reset in pool_module.PRISTINE_MODES:
             self.before_snapshot(vm)
             EVENTS.append("pristine")
             vm.save_pristine()
             self.after_revert(vm)
         return vm
 
-    def acquire(self, request: Any, reset: str) -> Any:
-        if self.current is not None and self._key != request.spec_key():
+    def _reset(self, machine: Any, request: Any, reset: str) -> Any:
+        if reset == "reboot":
             self.drop()
-        if self.current is None:
-            vm = self._boot(request, reset)
-        elif self._dirty and reset == "reboot":
-            self.drop()
-            vm = self._boot(request, reset)
-            self.resets.append({"vm": vm.name, "mode": "reboot", "ok": True, "seconds": 1.5})
-        elif self._dirty and reset != "none":
-            vm = self.current
-            EVENTS.append("revert")
-            vm.back_to_pristine()
-            vm.revert_seconds.append(0.5)
-            self.resets.append({"vm": vm.name, "mode": "restore", "ok": True, "seconds": 0.5})
-            self.after_revert(vm)
-        else:
-            vm = self.current
-        self._dirty = True
-        return vm
-
-    def detach(self) -> Any:
-        vm, self.current, self._key = self.current, None, None
-        return vm
-
-    def drop(self) -> None:
-        if self.current is not None:
-            self.factory.discard(self.current)
-        self.current, self._key = None, None
-
-    def close(self) -> None:
-        self.drop()
+            fresh = self._boot(request, reset)
+            self.resets.append({"vm": fresh.name, "mode": "reboot", "ok": True, "seconds": 1.5})
+            return fresh
+        EVENTS.append("revert")
+        machine.back_to_pristine()
+        machine.revert_seconds.append(0.5)
+        self.resets.append({"vm": machine.name, "mode": "restore", "ok": True, "seconds": 0.5})
+        self.after_revert(machine)
+        return machine
 
 
 def _dump(factory: FakeFactory) -> None:

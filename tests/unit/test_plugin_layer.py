@@ -23,6 +23,9 @@ def flightvm_user_data():
 
 def pytest_flightvm_user_data(config, vm_name, user_data):
     user_data["hooked"] = vm_name
+
+def pytest_flightvm_vm_ready(vm):
+    vm.run("touch /ready-hook-ran")
 '''
 
 MARKERS_TESTS = '''
@@ -81,6 +84,10 @@ def test_marker_overrides_reach_the_request(pytester: pytest.Pytester, tmp_path:
                     "test_bad_port": None}  # a bad marker fails before any VM is asked for
     seen = record(cache)
     assert [vm["memory"] for vm in seen["vms"].values()] == [None, 2048]
+    assert all(vm["commands"] == ["touch /ready-hook-ran"] for vm in seen["vms"].values())
+    # the user's vm_ready hook code is part of the state key (change it: a new state)
+    assert [[p.split(":")[0] for p in pool] for pool in seen["state_inputs"]] == [
+        ["pytest_flightvm_vm_ready=pytest_flightvm_vm_ready"]]
     # the plain status lines of each boot (stderr is no terminal here)
     booting = [line.split()[-1] for line in result.stderr.str().splitlines() if "booting" in line]
     assert booting == ["firmware", "kernel", "init", "ready"] * 2
