@@ -39,7 +39,6 @@ if TYPE_CHECKING:  # the VM layer is imported the first time a fixture needs it
 RUN_ID_KEY = "flightvm_run_id"
 OWNER_KEY = "flightvm_owner_pid"
 _settings_key = pytest.StashKey[Settings]()
-_run_key = pytest.StashKey["RunContext"]()
 _run_id_key = pytest.StashKey[tuple[str, str]]()  # (run id, worker), set at configure
 _used_vms_key = pytest.StashKey[list["Machine"]]()
 _session_key = pytest.StashKey["VMSession"]()
@@ -83,30 +82,6 @@ def _raw_settings(config: pytest.Config) -> tuple[dict[str, Any], dict[str, Any]
     return cli, ini
 
 
-def _settings(config: pytest.Config) -> Settings:
-    """The run's settings, resolved (CLI > ini > env > default) the first time a VM fixture
-    or the summary needs them: environment variables (several are shared with other tools:
-    ``VM_CONFIG_DIR``, ``CLOUD_INIT_DIR``, ``REGISTRY_CACHE``) are never read by a run that
-    uses no VM. Bad values raise ConfigError."""
-    settings = config.stash.get(_settings_key, None)
-    if settings is None:
-        cli, ini = _raw_settings(config)
-        settings = resolve(cli, ini, os.environ, rootdir=Path(config.rootpath))
-        _check_inputs(settings)
-        config.stash[_settings_key] = settings
-    return settings
-
-
-def _run_context(config: pytest.Config, settings: Settings) -> RunContext:
-    run = config.stash.get(_run_key, None)
-    if run is None:
-        from .vm.factory import RunContext
-
-        run_id, worker = config.stash[_run_id_key]
-        run = config.stash[_run_key] = RunContext(run_id, settings.runs_dir / run_id, worker)
-    return run
-
-
 def _new_run_id() -> str:
     """Short, sortable, unique: ``YYMMDDHHMMSS-xxxx`` (as ``vm.factory.new_run_id``, without
     importing the VM layer at start-up)."""
@@ -133,7 +108,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     # What the user wrote for flightvm (its --flightvm-* flags and flightvm_* ini keys) is
     # checked now: bad input stops the run before any test. The environment is read only
-    # when a VM fixture first needs the settings (see _settings).
+    # when a VM fixture first needs the settings (see flightvm_settings).
     try:
         cli, ini = _raw_settings(config)
         _check_inputs(resolve_explicit(cli, ini, os.environ, rootdir=Path(config.rootpath)))
@@ -229,11 +204,16 @@ def _builder(config: pytest.Config, settings: Settings) -> Any:
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def flightvm_settings(pytestconfig: pytest.Config) -> Settings:
-    """The resolved flightvm settings (CLI > ini > env > default)."""
-    try:
-        return _settings(pytestconfig)
-    except ConfigError as exc:
-        _fail_setup(exc)
+    """The resolved flightvm settings (CLI > ini > env > default), resolved the first time
+    a VM fixture needs them: environment variables (several are shared with other tools:
+    ``VM_CONFIG_DIR``, ``CLOUD_INIT_DIR``, ``REGISTRY_CACHE``) are never read by a run that
+    uses no VM. A bad value fails the test with one line."""
+    with _one_line_errors():
+        settings = resolve(*_raw_settings(pytestconfig), os.environ,
+                           rootdir=Path(pytestconfig.rootpath))
+        _check_inputs(settings)
+    pytestconfig.stash[_settings_key] = settings  # for the summary
+    return settings
 
 
 @pytest.fixture(scope="session")
@@ -244,9 +224,7 @@ def flightvm_run(pytestconfig: pytest.Config, flightvm_settings: Settings) -> Ru
     run_id, worker = pytestconfig.stash[_run_id_key]
     owner = getattr(pytestconfig, "workerinput", {}).get(OWNER_KEY)  # the controller's pid
     with _one_line_errors():  # private (0700, ours, no planted link), in a cache dir of ours
-        pytestconfig.stash[_run_key] = RunContext.open(flightvm_settings.runs_dir, run_id,
-                                                       worker, owner)
-    return pytestconfig.stash[_run_key]
+        return RunContext.open(flightvm_settings.runs_dir, run_id, worker, owner)
 
 
 @pytest.fixture(scope="session")
@@ -414,8 +392,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if not (settings.runs_dir / run_id).exists():
         return  # no fixture made the run dir: no VM, nothing to say (and nothing imported)
     from .metrics import aggregate, kept_lines, publish, summary_lines
+    from .vm.factory import RunContext
 
-    run = _run_context(config, settings)
+    run = RunContext(run_id, settings.runs_dir / run_id)
     summary = aggregate(run)
     if not summary["resolves"] and not summary["vms"]:
         return
