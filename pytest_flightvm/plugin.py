@@ -1,7 +1,10 @@
 """The pytest face of flightvm: options, fixtures, marker, reports, summary.
 
-Thin on purpose: settings come from :mod:`config`, the image from
-:mod:`cache.resolve`, seeds from :mod:`seed`, VMs from :mod:`vm`. This
+Thin on purpose: it turns pytest's objects into values for plain library code and
+errors into one line. Settings come from :mod:`config`, the image from
+:mod:`cache.resolve` (the build hook as a :class:`cache.build.HookBuilder`), pooled
+VMs, resets and the keep policy from :mod:`vm.session` over :mod:`vm.factory`, the
+boot status line from :mod:`progress`, the summary's lines from :mod:`metrics`. This
 module (and ``hooks.py``) are the only ones that import pytest.
 """
 
