@@ -190,3 +190,34 @@ def test_summary_and_metrics_under_xdist(pytester: pytest.Pytester, tmp_path: Pa
     assert sorted(data["workers"]) == ["gw0", "gw1"]
     assert sorted(r["test"].split("::")[0] for r in data["resets"]) == ["test_a.py", "test_b.py"]
     assert all(r["test"].endswith("::test_two") for r in data["resets"])
+
+
+FACTORY_TESTS = '''
+import pytest
+
+def pytest_flightvm_vm_ready(vm):
+    vm.run("ready-hook")
+
+def test_extra(flightvm_factory):
+    vm = flightvm_factory.create(name="extra", memory=512, user_data={"x": 1}, host_ports=[9000])
+    assert vm.name.endswith("-main-extra")
+    assert (vm.request.memory, vm.request.host_ports) == (512, (8080, 9000))
+    assert vm.user_data == {"x": 1} and vm.commands == ["ready-hook"]
+    flightvm_factory.destroy(vm)
+
+def test_bad_ports(flightvm_factory):
+    flightvm_factory.create(host_ports=[70000])
+'''
+
+
+def test_factory_fixture(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makeconftest(FACTORY_TESTS.split("def test_extra")[0])
+    pytester.makepyfile("def test_extra" + FACTORY_TESTS.split("def test_extra")[1])
+    cache = tmp_path / "cache"
+    result = run_plugin_suite(pytester, cache, "--flightvm-host-port=8080")
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    assert "\nflightvm: flightvm_factory.create: port 70000 is out of range; use 1-65535\n" in out
+    assert "Traceback" not in out
+    seen = record(cache)
+    assert [name.rsplit("-", 1)[1] for name in seen["discarded"]] == ["extra"]
