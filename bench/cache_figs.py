@@ -383,8 +383,10 @@ def p3_push_rss(ctx: Ctx) -> Figure:
     fig.data = {"flightvm_rss_mib": rss.as_dict(), "flightvm_seconds": secs.as_dict(),
                 "oras_rss_mib": oras_rss.as_dict(), "oras_seconds": oras_s.as_dict(),
                 "imports_rss_mib": base_rss.as_dict(), "bytes": size}
-    fig.notes.append("peak RSS of the pushing child process from wait4(2) ru_maxrss; "
-                     "each push goes to a fresh repository so the whole blob is uploaded")
+    fig.notes.append("peak RSS of the pushing child process from wait4(2) ru_maxrss, "
+                     "forked by a small launcher (a child of the bench itself would start "
+                     "from the bench's RSS); each push goes to a fresh repository so the "
+                     "whole blob is uploaded")
     fig.target_line = 100
     fig.bars = [Bar("flightvm push", rss), Bar("oras-py plain push", oras_rss, True),
                 Bar("imports only", base_rss, True)]

@@ -193,26 +193,49 @@ def run_child(cmd: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: 
     return result
 
 
+# A process's ru_maxrss starts with the RSS it had before exec: a child forked (or
+# vforked) by this bench process would report at least the bench's own RSS. So a small
+# launcher forks the command from its own fresh, small process and reports the
+# grandchild's peak from wait4 (measured: a 200 MiB parent gave an empty child 216 MiB
+# directly, 10.8 MiB through a fork of a small process).
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
+
+
 def peak_rss_child(cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
                    cwd: Path | None = None) -> ChildResult:
-    """Run ``cmd`` and read its own peak RSS from os.wait4 (only that child, not others)."""
+    """Run ``cmd`` and read its own peak RSS (wait4 in a small launcher: only that
+    process, not the bench's RSS it would otherwise start from)."""
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
     out_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-child-{os.getpid()}.out"
     err_path = out_path.with_suffix(".err")
+    rss_path = out_path.with_suffix(".rss")
     start = time.monotonic()
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=full_env, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(rss_path), *cmd],
+                                stdout=out, stderr=err, env=full_env, cwd=cwd)
+        proc.wait()
     seconds = time.monotonic() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     stdout, stderr = out_path.read_text(), err_path.read_text()
-    out_path.unlink(missing_ok=True)
-    err_path.unlink(missing_ok=True)
-    if proc.returncode != 0:
+    try:
+        peak_kib = int(rss_path.read_text())
+    except (OSError, ValueError):
+        peak_kib = -1
+    for p in (out_path, err_path, rss_path):
+        p.unlink(missing_ok=True)
+    if proc.returncode != 0 or peak_kib < 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}): {stderr.strip()[-600:]}")
-    return ChildResult(proc.returncode, seconds, usage.ru_maxrss / 1024, stdout, stderr)
+    return ChildResult(proc.returncode, seconds, peak_kib / 1024, stdout, stderr)
 
 
 def python_child(code: str, **kw: Any) -> ChildResult:

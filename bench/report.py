@@ -118,7 +118,9 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         "(`podman pull` + `podman create` + "
         "`podman cp` of a `FROM scratch` image holding `/qcow2/disk.qcow2`, vfs storage, "
         "pushed with podman's default gzip layer).",
-        "- **P3** peak RSS (`wait4` ru_maxrss) of a child process that pushes the base to a "
+        "- **P3** peak RSS (`wait4` ru_maxrss, taken by a small launcher that forks it: "
+        "ru_maxrss starts from the RSS a process had before exec) of a child process that "
+        "pushes the base to a "
         "fresh repository, alternating with oras-py's plain `push` of the same file and a "
         "child that only imports the client.",
         "- **P4** a pytest suite of 8 tests that use only `flightvm_image` (no VM), run with "

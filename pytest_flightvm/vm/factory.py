@@ -8,6 +8,7 @@ destroys everything it made at the end.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -579,13 +580,15 @@ class VMFactory:
     def save_artifact(self, machine: Machine) -> None:
         """Copy the console log, as it is now, to the file reserved under --flightvm-artifacts."""
         if machine.artifact is not None:
+            with contextlib.suppress(OSError, FlightVMError):
+                machine.console_tail(1)  # a remote VM's console reaches its local mirror first
             artifacts.fill(machine.artifact, machine.spec.console_log)
 
     def discard(self, machine: Machine, *, port: int | None = None) -> None:
         """Destroy one VM now and forget it (its console goes to the artifacts dir first)."""
         machine.destroy(remove_files=False)
         self.save_artifact(machine)
-        shutil.rmtree(machine.vm_dir, ignore_errors=True)
+        machine.delete_files()
         release_port(None, port if port is not None else machine.ssh_port)
         if machine in self.machines:
             self.machines.remove(machine)

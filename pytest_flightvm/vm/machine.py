@@ -386,10 +386,15 @@ class Machine:
                         self.dom.destroy()
                 except libvirt.libvirtError as exc:
                     log.debug("flightvm: %s %s: %s", op, self.name, error_text(exc))
-        if self.volumes is not None and remove_files:
-            self.volumes.delete()  # overlay, seed and console; the base volume stays
         if remove_files:
-            shutil.rmtree(self.vm_dir, ignore_errors=True)
+            self.delete_files()
+
+    def delete_files(self) -> None:
+        """Delete the VM's files: its dir and, on a remote host, its pool volumes (overlay,
+        seed and console; the base volume stays)."""
+        if self.volumes is not None:
+            self.volumes.delete()
+        shutil.rmtree(self.vm_dir, ignore_errors=True)
 
     # ----------------------------------------------------------------- VM API
     def run(self, cmd: str, *, check: bool = True, timeout: float | None = 120,

@@ -170,3 +170,29 @@ def test_plugin_bad_host_list_is_a_one_line_usage_error(pytester: pytest.Pyteste
     result.stderr.fnmatch_lines(["ERROR: flightvm: --flightvm-hosts: 'qemu+tcp://h1/system': "
                                  "a remote host must be qemu+ssh://*"])
     assert "Traceback" not in result.stderr.str()
+
+
+def test_a_discarded_vm_takes_its_remote_volumes_with_it(tmp_path: Path) -> None:
+    """factory.discard (every VM's end, kept or not) deletes the VM's pool volumes on a
+    remote host, as well as its dir; a machine's delete_files does both."""
+    from pytest_flightvm.vm.factory import VMFactory
+    from pytest_flightvm.vm.machine import Machine
+
+    deleted: list[str] = []
+
+    class Volumes:
+        def delete(self) -> None:
+            deleted.append("volumes")
+
+    machine = object.__new__(Machine)
+    machine.volumes = Volumes()  # type: ignore[assignment]
+    machine.vm_dir = tmp_path / "vm"
+    machine.vm_dir.mkdir()
+    machine.artifact = None
+    machine.destroy = lambda remove_files=True: deleted.append(f"destroy {remove_files}")  # type: ignore[method-assign]
+    factory = object.__new__(VMFactory)
+    factory.machines = [machine]
+    factory.artifacts = None
+    factory.discard(machine, port=1)
+    assert deleted == ["destroy False", "volumes"]
+    assert not machine.vm_dir.exists() and factory.machines == []

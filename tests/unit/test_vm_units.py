@@ -2,6 +2,7 @@
 
 import os
 import time
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -141,3 +142,36 @@ def test_keypair_is_generated_once_when_workers_race(tmp_path: Path) -> None:
     assert key.stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in (tmp_path / "ssh").iterdir() if not p.name.endswith(".lock")) == [
         "id_ed25519", "id_ed25519.pub"]
+
+
+@pytest.mark.parametrize(("codes", "calls", "agent"), [
+    ((255, 124, 0), 3, False),  # ssh dropped, then timed out: asked again with a fresh time
+    ((1,), 1, True),            # the guest said no (no passwordless sudo): the agent sets it
+    ((255, 255, 255), 3, True),
+])
+def test_the_clock_after_a_resume_survives_a_dropped_channel(
+        codes: tuple[int, ...], calls: int, agent: bool) -> None:
+    from pytest_flightvm.vm import resume
+    from pytest_flightvm.vm.ssh import CommandResult
+
+    answers = list(codes)
+    sent: list[str] = []
+    set_time: list[dict[str, int]] = []
+
+    class SSH:
+        def run(self, cmd: str, **_: object) -> CommandResult:
+            if "/dev/urandom" in cmd:
+                return CommandResult(cmd, 0, "", "")
+            sent.append(cmd)
+            return CommandResult(cmd, answers.pop(0), "", "")
+
+    class Dom:
+        def setTime(self, when: dict[str, int], flags: int) -> None:  # noqa: N802 - libvirt's name
+            set_time.append(when)
+
+    machine = types.SimpleNamespace(ssh=SSH(), dom=Dom(), phases={}, authorized_key=None,
+                                    rename_from=None, name="vm")
+    resume.after_resume(machine, time.monotonic(), 60.0)  # type: ignore[arg-type]
+    assert len(sent) == calls and all("sudo -n date -u -s @" in c for c in sent)
+    assert bool(set_time) is agent
+    assert "clock" in machine.phases

@@ -97,22 +97,28 @@ class HashingReader:
 class SizedBody:
     """An iterable request body with a known length (so requests sends Content-Length)."""
 
-    def __init__(self, chunks: Iterable[bytes], length: int):
+    def __init__(self, chunks: Iterable[bytes | memoryview], length: int):
         self._chunks = chunks
         self._length = length
 
     def __len__(self) -> int:
         return self._length
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[bytes | memoryview]:
         return iter(self._chunks)
 
 
-def file_chunks(path: Path, progress: Progress) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            progress.update(len(chunk))
-            yield chunk
+def file_chunks(path: Path, progress: Progress) -> Iterator[memoryview]:
+    """``path`` in chunks of up to CHUNK bytes, read into one reused buffer: each chunk is
+    a view that is valid until the next one is asked for (the upload hashes and sends it
+    before that). No new allocation per chunk, so the sender's memory is one buffer,
+    whatever the allocator makes of a stream of 1 MiB objects freed in another order."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            progress.update(n)
+            yield view[:n]
 
 
 class Watchdog:

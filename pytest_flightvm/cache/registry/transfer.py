@@ -167,7 +167,7 @@ def pull_layer(client: Client, layer: Mapping[str, Any], store: Store, log_fn: L
 
 
 def upload_stream(
-    client: Client, chunks: Iterable[bytes], *, length: int | None = None,
+    client: Client, chunks: Iterable[bytes | memoryview], *, length: int | None = None,
     expected: str | None = None,
 ) -> tuple[str, int]:
     """Upload a blob from an iterable of chunks: POST, one streamed PATCH, PUT ?digest=.
@@ -184,7 +184,7 @@ def upload_stream(
     hasher = hashlib.sha256()
     counted = [0]
 
-    def body() -> Iterator[bytes]:
+    def body() -> Iterator[bytes | memoryview]:
         for chunk in chunks:
             if expected is None:  # else the registry checks ?digest= for us
                 hasher.update(chunk)
