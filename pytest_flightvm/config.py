@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ConfigError
 from .hosts import Host, parse_hosts
@@ -178,6 +178,32 @@ def option_help(opt: Option, *, cli: bool = False) -> str:
     tail = "; ".join(x for x in (f"env {env}" if env else "",
                                  f"default: {opt.default}" if opt.default else "") if x)
     return f"{text} ({tail})" if tail else text
+
+
+def flag_declarations(opt: Option) -> list[tuple[str, dict[str, Any]]]:
+    """The pytest flags of ``opt`` with their argparse keywords (none without ``cli``).
+    Every flag defaults to None, so "not given" falls through to ini, env and default."""
+    if not opt.cli:
+        return []
+    common: dict[str, Any] = {"default": None, "dest": f"flightvm_{opt.name}",
+                              "help": option_help(opt)}
+    if opt.kind == "bool":
+        flags = [(opt.cli, {**common, "action": "store_const", "const": True})]
+        if opt.name == "push":
+            flags.append(("--flightvm-no-push", {**common, "action": "store_const",
+                                                 "const": False, "help": "never push after a build"}))
+        return flags
+    if opt.kind == "ports":  # repeatable
+        return [(opt.cli, {**common, "action": "append", "metavar": opt.metavar})]
+    # an explicit metavar: pytest would show the dest (FLIGHTVM_MEMORY), which reads like
+    # an env var that does not exist
+    return [(opt.cli, {**common, "action": "store", "choices": list(opt.choices) or None,
+                       "metavar": opt.metavar or ("{" + ",".join(opt.choices) + "}")})]
+
+
+def ini_kind(opt: Option) -> tuple[Literal["linelist", "string"], Any]:
+    """The pytest ini type and default of ``opt`` (lists for line lists and ports)."""
+    return ("linelist", []) if opt.kind in ("linelist", "ports") else ("string", None)
 
 
 def cli_terms(text: str) -> str:

@@ -1,9 +1,13 @@
-"""Run metrics: each process writes its own file; the controller aggregates.
+"""Run metrics: each process writes its own file; the controller aggregates and reports them.
 
 Layout under the run dir:
 - ``resolves.jsonl``: one line per image resolve (written by cache.resolve);
 - ``metrics/<worker>.json``: the VMs a worker booted or restored (``start``), their
-  request-to-ready, boot and revert seconds and accel.
+  request-to-ready, boot and revert seconds and accel;
+- ``kept-<vm>.txt``: how to reach a VM kept for debugging (``vm.session``).
+
+The controller's terminal summary is :func:`summary_lines` and :func:`kept_lines` of the
+aggregate, then :func:`publish` (the ``--flightvm-metrics`` file, the artifacts copy).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .vm.factory import RunContext, VMFactory
 
 
@@ -102,3 +107,67 @@ def aggregate(run: RunContext) -> dict[str, Any]:
         # base uploads to remote hosts: bytes 0 and skipped true when the pool had the digest
         "uploads": uploads,
     }
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The summary section's lines for an :func:`aggregate`: images moved or built, the
+    resolve count, one line per VM (booted or restored, with its reverts), the resets."""
+    lines = []
+    for res in summary["resolves"]:
+        if res["source"] != "local":
+            lines.append(f"image: source={res['source']} bytes={res['bytes']} "
+                         f"seconds={res['seconds']:.1f} digest={res['digest'][:19]}")
+    local_hits = sum(1 for r in summary["resolves"] if r["source"] == "local")
+    lines.append(f"image resolves: {summary['image_transfers']} transfer/build, "
+                 f"{local_hits} local hit(s)")
+    for vm in summary["vms"]:
+        reverts = vm.get("revert_seconds") or []
+        rev = f" reverts={len(reverts)} median={sorted(reverts)[len(reverts) // 2]:.1f}s" \
+            if reverts else ""
+        ready = vm.get("ready_seconds")
+        if vm.get("start") == "restored" and ready is not None:
+            lines.append(f"vm {vm['name']}: accel={vm['accel']} restored "
+                         f"request_to_ready={ready:.1f}s{rev}")
+            continue
+        boot = vm.get("boot_seconds")
+        lines.append(f"vm {vm['name']}: accel={vm['accel']} booted boot_to_ready="
+                     f"{boot:.1f}s{rev}" if boot is not None else f"vm {vm['name']}: not ready")
+    resets = summary["resets"]
+    if resets:
+        reverts = sorted(r["seconds"] for r in resets if r["mode"] != "reboot" and r["ok"])
+        fallbacks = sum(1 for r in resets if r["mode"] != "reboot" and not r["ok"])
+        reboots = sum(1 for r in resets if r["mode"] == "reboot")
+        kinds = "/".join(sorted({r["mode"] for r in resets if r["mode"] != "reboot"})) or "pristine"
+        med = f", median {reverts[len(reverts) // 2]:.1f}s, max {reverts[-1]:.1f}s" if reverts else ""
+        lines.append(f"resets: {len(reverts)} {kinds} reset(s){med}; {reboots} fresh boot(s)"
+                     + (f"; {fallbacks} failed revert(s) replaced by a fresh boot" if fallbacks else ""))
+    return lines
+
+
+def kept_lines(run_dir: Path) -> list[str]:
+    """The hints of the VMs kept in this run (``kept-*.txt``: ssh, console, remove)."""
+    return [kept.read_text().rstrip() for kept in run_dir.glob("kept-*.txt")]
+
+
+def publish(summary: dict[str, Any], run_id: str, *, metrics: Path | None,
+            artifacts: Path | None) -> list[str]:
+    """Write the summary as JSON to ``metrics`` and into the ``artifacts`` dir (each when
+    set); the lines saying where. A dir the artifacts cannot go to is one line, not an
+    error: the tests have run by now."""
+    lines = []
+    text = json.dumps(summary, indent=2, default=str)
+    if metrics:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_text(text)
+        lines.append(f"metrics written to {metrics}")
+    if artifacts is not None:
+        from . import artifacts as store
+
+        try:
+            where = store.artifact_dir(artifacts)
+            path = store.write_new(where, f"flightvm-{run_id}", ".metrics.json", text.encode())
+        except (ConfigError, OSError) as exc:
+            lines.append(f"flightvm: artifacts not written: {exc}")
+        else:
+            lines.append(f"artifacts (consoles, metrics) in {where} ({path.name})")
+    return lines

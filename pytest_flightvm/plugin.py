@@ -1,16 +1,16 @@
 """The pytest face of flightvm: options, fixtures, marker, reports, summary.
 
-Thin on purpose: settings come from :mod:`config`, the image from
-:mod:`cache.resolve`, seeds from :mod:`seed`, VMs from :mod:`vm`. This
+Thin on purpose: it turns pytest's objects into values for plain library code and
+errors into one line. Settings come from :mod:`config`, the image from
+:mod:`cache.resolve` (the build hook as a :class:`cache.build.HookBuilder`), pooled
+VMs, resets and the keep policy from :mod:`vm.session` over :mod:`vm.factory`, the
+boot status line from :mod:`progress`, the summary's lines from :mod:`metrics`. This
 module (and ``hooks.py``) are the only ones that import pytest.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
-import json
 import os
 import sys
 import time
@@ -21,52 +21,43 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import pytest
 
 from . import hooks
-from .config import OPTIONS, Settings, option_help, resolve, resolve_explicit
-from .errors import BootError, ConfigError, FlightVMError
+from .config import (
+    OPTIONS,
+    Settings,
+    flag_declarations,
+    ini_kind,
+    option_help,
+    resolve,
+    resolve_explicit,
+)
+from .errors import ConfigError, FlightVMError
 
 if TYPE_CHECKING:  # the VM layer is imported the first time a fixture needs it
     from .profile import VMProfile
+    from .progress import BootStatus
     from .vm.factory import RunContext, VMFactory
     from .vm.machine import Machine
-    from .vm.pool import VMPool
+    from .vm.session import VMSession
 
 RUN_ID_KEY = "flightvm_run_id"
 OWNER_KEY = "flightvm_owner_pid"
 _settings_key = pytest.StashKey[Settings]()
-_run_key = pytest.StashKey["RunContext"]()
 _run_id_key = pytest.StashKey[tuple[str, str]]()  # (run id, worker), set at configure
 _used_vms_key = pytest.StashKey[list["Machine"]]()
-_state_key = pytest.StashKey[dict[str, Any]]()
+_session_key = pytest.StashKey["VMSession"]()
+_profiles_key = pytest.StashKey[dict[Path, "VMProfile"]]()  # flightctl_vm's, by config dir
 _console_out_key = pytest.StashKey[TextIO]()
 
 
 # ----------------------------------------------------------------- options
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("flightvm", "real VMs for E2E tests (pytest-flightvm)")
-    for opt in OPTIONS:
-        text = option_help(opt)  # names the env var(s) and the default
-        if opt.cli:
-            if opt.kind == "bool":
-                group.addoption(opt.cli, action="store_const", const=True, default=None,
-                                dest=f"flightvm_{opt.name}", help=text)
-                if opt.name == "push":
-                    group.addoption("--flightvm-no-push", action="store_const", const=False,
-                                    dest="flightvm_push", help="never push after a build")
-            elif opt.kind == "ports":  # repeatable
-                group.addoption(opt.cli, action="append", default=None, metavar=opt.metavar,
-                                dest=f"flightvm_{opt.name}", help=text)
-            else:
-                # an explicit metavar: pytest would show the dest (FLIGHTVM_MEMORY), which
-                # reads like an env var that does not exist
-                group.addoption(opt.cli, action="store", default=None,
-                                dest=f"flightvm_{opt.name}", help=text,
-                                choices=list(opt.choices) or None,
-                                metavar=opt.metavar or ("{" + ",".join(opt.choices) + "}"))
+    for opt in OPTIONS:  # declared one by one from config.OPTIONS (help names env and default)
+        for flag, kwargs in flag_declarations(opt):
+            group.addoption(flag, **kwargs)
         if opt.ini:
-            if opt.kind in ("linelist", "ports"):
-                parser.addini(opt.ini, text, type="linelist", default=[])
-            else:
-                parser.addini(opt.ini, text, type="string", default=None)
+            kind, default = ini_kind(opt)
+            parser.addini(opt.ini, option_help(opt), type=kind, default=default)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -94,35 +85,10 @@ def _raw_settings(config: pytest.Config) -> tuple[dict[str, Any], dict[str, Any]
     return cli, ini
 
 
-def _settings(config: pytest.Config) -> Settings:
-    """The run's settings, resolved (CLI > ini > env > default) the first time a VM fixture
-    or the summary needs them: environment variables (several are shared with other tools:
-    ``VM_CONFIG_DIR``, ``CLOUD_INIT_DIR``, ``REGISTRY_CACHE``) are never read by a run that
-    uses no VM. Bad values raise ConfigError."""
-    settings = config.stash.get(_settings_key, None)
-    if settings is None:
-        cli, ini = _raw_settings(config)
-        settings = resolve(cli, ini, os.environ, rootdir=Path(config.rootpath))
-        _check_inputs(settings)
-        config.stash[_settings_key] = settings
-    return settings
-
-
-def _run_context(config: pytest.Config, settings: Settings) -> RunContext:
-    run = config.stash.get(_run_key, None)
-    if run is None:
-        from .vm.factory import RunContext
-
-        run_id, worker = config.stash[_run_id_key]
-        run = config.stash[_run_key] = RunContext(run_id, settings.runs_dir / run_id, worker)
-    return run
-
-
 def _new_run_id() -> str:
     """Short, sortable, unique: ``YYMMDDHHMMSS-xxxx`` (as ``vm.factory.new_run_id``, without
     importing the VM layer at start-up)."""
     import secrets
-    import time
 
     return time.strftime("%y%m%d%H%M%S") + "-" + secrets.token_hex(2)
 
@@ -145,7 +111,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     # What the user wrote for flightvm (its --flightvm-* flags and flightvm_* ini keys) is
     # checked now: bad input stops the run before any test. The environment is read only
-    # when a VM fixture first needs the settings (see _settings).
+    # when a VM fixture first needs the settings (see flightvm_settings).
     try:
         cli, ini = _raw_settings(config)
         _check_inputs(resolve_explicit(cli, ini, os.environ, rootdir=Path(config.rootpath)))
@@ -158,7 +124,6 @@ def pytest_configure(config: pytest.Config) -> None:
         run_id, worker = _new_run_id(), "main"
     # The run dir is created lazily, the first time a fixture needs it.
     config.stash[_run_id_key] = (run_id, worker)
-    config.stash[_state_key] = {}
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "flightvm-xdist")
 
@@ -199,60 +164,30 @@ def _one_line_errors() -> Iterator[None]:
         _fail_setup(exc)
 
 
-def _progress(config: pytest.Config) -> Any:
+def _uncaptured(config: pytest.Config) -> contextlib.AbstractContextManager[Any]:
     capman = config.pluginmanager.getplugin("capturemanager")
+    return capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
 
+
+def _progress(config: pytest.Config) -> Any:
     def emit(line: str) -> None:
-        if capman is not None:
-            with capman.global_and_fixture_disabled():
-                sys.stderr.write(line.rstrip() + "\n")
-        else:
+        with _uncaptured(config):
             sys.stderr.write(line.rstrip() + "\n")
-        sys.stderr.flush()
+            sys.stderr.flush()
 
     return emit
 
 
-class _BootStatus:
-    """While a VM boots: one live status line per VM on a terminal (elapsed time and the
-    last boot stage, rewritten in place), plain lines on each new stage when stdout is no
-    terminal or under xdist (workers share the controller's stderr), nothing with -qq."""
+def _boot_status(config: pytest.Config, console: bool) -> BootStatus:
+    """Live status lines on the controller's terminal (plain ones under xdist, without a
+    tty, or with --flightvm-console streaming to the same terminal), none with -qq."""
+    from .progress import BootStatus
 
-    def __init__(self, config: pytest.Config, console: bool = False) -> None:
-        self.config = config
-        self.quiet = (config.getoption("verbose") or 0) <= -2
-        self.tr = config.pluginmanager.getplugin("terminalreporter")
-        # --flightvm-console streams consoles to the same terminal: plain lines then
-        self.live = bool(self.tr is not None and _is_controller(config) and self.tr.isatty
-                         and not console)
-        self.plain = _progress(config)
-        self.last: dict[str, str] = {}
-
-    def __call__(self, vm: Machine, elapsed: float, stage: str, done: bool) -> None:
-        if self.quiet:
-            return
-        from .vm.bootstage import format_status
-
-        line = format_status(vm.name, elapsed, stage)
-        with contextlib.suppress(OSError, ValueError):  # a closed terminal stops no boot
-            if self.live:
-                self._rewrite(vm.name, line, done)
-            elif done or self.last.get(vm.name) != stage:
-                self.plain(line)
-        self.last[vm.name] = stage
-        if done:
-            self.last.pop(vm.name, None)
-
-    def _rewrite(self, name: str, line: str, done: bool) -> None:
-        capman = self.config.pluginmanager.getplugin("capturemanager")
-        with (capman.global_and_fixture_disabled() if capman is not None
-              else contextlib.nullcontext()):
-            if name not in self.last:
-                self.tr.ensure_newline()
-            self.tr.rewrite(line, erase=True)
-            if done:
-                self.tr.write("\n")
-            self.tr.flush()
+    tr = config.pluginmanager.getplugin("terminalreporter")
+    live = tr is not None and _is_controller(config) and tr.isatty and not console
+    return BootStatus(_progress(config), terminal=tr if live else None,
+                      quiet=(config.getoption("verbose") or 0) <= -2,
+                      uncaptured=lambda: _uncaptured(config))
 
 
 def _builder(config: pytest.Config, settings: Settings) -> Any:
@@ -260,27 +195,10 @@ def _builder(config: pytest.Config, settings: Settings) -> Any:
 
     impls = config.pluginmanager.hook.pytest_flightvm_build_image.get_hookimpls()
     if impls:
-        sources = []
-        for impl in impls:
-            try:
-                sources.append(inspect.getsource(impl.function))
-            except (OSError, TypeError):
-                sources.append(impl.plugin_name)
-        identity = "hook:" + hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
-
-        class HookBuilder:
-            def __init__(self) -> None:
-                self.identity = identity
-
-            def build(self, output: Path, *, log: Any = None) -> None:
-                key = os.environ.get("FLIGHTVM_KEY", "")
-                result = config.hook.pytest_flightvm_build_image(config=config, output=output,
-                                                                 key=key)
-                if not result:
-                    raise FlightVMError("pytest_flightvm_build_image returned no result; "
-                                        "return True after writing the qcow2 to `output`")
-
-        return HookBuilder()
+        return build.HookBuilder(
+            [(impl.function, impl.plugin_name) for impl in impls],
+            lambda output, key: config.hook.pytest_flightvm_build_image(config=config,
+                                                                        output=output, key=key))
     if settings.build_cmd:
         return build.CommandBuilder(settings.build_cmd)
     return None  # resolve falls back to the built-in Debian builder
@@ -289,32 +207,27 @@ def _builder(config: pytest.Config, settings: Settings) -> Any:
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def flightvm_settings(pytestconfig: pytest.Config) -> Settings:
-    """The resolved flightvm settings (CLI > ini > env > default)."""
-    try:
-        return _settings(pytestconfig)
-    except ConfigError as exc:
-        _fail_setup(exc)
+    """The resolved flightvm settings (CLI > ini > env > default), resolved the first time
+    a VM fixture needs them: environment variables (several are shared with other tools:
+    ``VM_CONFIG_DIR``, ``CLOUD_INIT_DIR``, ``REGISTRY_CACHE``) are never read by a run that
+    uses no VM. A bad value fails the test with one line."""
+    with _one_line_errors():
+        settings = resolve(*_raw_settings(pytestconfig), os.environ,
+                           rootdir=Path(pytestconfig.rootpath))
+        _check_inputs(settings)
+    pytestconfig.stash[_settings_key] = settings  # for the summary
+    return settings
 
 
 @pytest.fixture(scope="session")
 def flightvm_run(pytestconfig: pytest.Config, flightvm_settings: Settings) -> RunContext:
     """This run's id and directory (shared by all xdist workers of the run)."""
-    from .vm.factory import make_run_dir
-    from .vm.reaper import write_run_file
+    from .vm.factory import RunContext
 
-    run = _run_context(pytestconfig, flightvm_settings)
-    problem = None
-    try:  # private (0700, ours, no planted link), in a cache dir of ours
-        make_run_dir(flightvm_settings.runs_dir, run.run_id)
-    except FlightVMError as exc:
-        problem = exc
-    if problem is not None:  # failed outside the except: no chained traceback in the report
-        _fail_setup(problem)
-    if not (run.run_dir / "run.json").exists():
-        # The run belongs to the controller: the reaper keeps it while that pid lives.
-        owner = getattr(pytestconfig, "workerinput", {}).get(OWNER_KEY)
-        write_run_file(run.run_dir, pid=owner)
-    return run
+    run_id, worker = pytestconfig.stash[_run_id_key]
+    owner = getattr(pytestconfig, "workerinput", {}).get(OWNER_KEY)  # the controller's pid
+    with _one_line_errors():  # private (0700, ours, no planted link), in a cache dir of ours
+        return RunContext.open(flightvm_settings.runs_dir, run_id, worker, owner)
 
 
 @pytest.fixture(scope="session")
@@ -327,6 +240,7 @@ def flightvm_image(pytestconfig: pytest.Config, flightvm_settings: Settings,
         image = resolve_image(
             flightvm_settings, _builder(pytestconfig, flightvm_settings),
             record=flightvm_run.run_dir / "resolves.jsonl", log=_progress(pytestconfig),
+            run=flightvm_run.run_id,
         )
     return image
 
@@ -341,212 +255,75 @@ def flightvm_user_data() -> dict[str, Any]:
 def _flightvm_core(pytestconfig: pytest.Config, flightvm_settings: Settings,
                    flightvm_run: RunContext, flightvm_image: Any) -> Iterator[VMFactory]:
     from .metrics import write_worker_metrics
-    from .vm.factory import VMFactory
-    from .vm.reaper import reap
-
-    emit = _progress(pytestconfig)
-    with _one_line_errors():
-        hosts = flightvm_settings.host_list
-        reap(tuple(h.uri for h in hosts), flightvm_settings.runs_dir, log=emit,
-             pools=tuple(h.pool for h in hosts if not h.local))
+    from .vm.factory import open_factory
 
     def user_data_hook(name: str, user_data: dict[str, Any]) -> None:
         pytestconfig.hook.pytest_flightvm_user_data(config=pytestconfig, vm_name=name,
                                                     user_data=user_data)
 
     with _one_line_errors():
-        factory = VMFactory(flightvm_settings, Path(flightvm_image.path), flightvm_run,
-                            user_data_hook=user_data_hook, notice=emit,
-                            console_out=pytestconfig.stash.get(_console_out_key, None),
-                            progress=_BootStatus(pytestconfig, flightvm_settings.console),
-                            base_digest=getattr(flightvm_image, "digest", None) or None)
-        try:
-            factory.prepare_host()  # a remote host gets the base now (once per digest per host)
-        except BaseException:
-            factory.close()
-            raise
+        factory = open_factory(flightvm_settings, Path(flightvm_image.path), flightvm_run,
+                               user_data_hook=user_data_hook, notice=_progress(pytestconfig),
+                               console_out=pytestconfig.stash.get(_console_out_key, None),
+                               progress=_boot_status(pytestconfig, flightvm_settings.console),
+                               base_digest=getattr(flightvm_image, "digest", None) or None)
     yield factory
     factory.close()
+    session = pytestconfig.stash.get(_session_key, None)
     write_worker_metrics(flightvm_run, flightvm_image, factory,
-                         resets=pytestconfig.stash[_state_key].get("resets", []))
+                         resets=session.resets if session is not None else [])
+
+
+@pytest.fixture(scope="session")
+def _flightvm_session(pytestconfig: pytest.Config, flightvm_settings: Settings,
+                      flightvm_run: RunContext, _flightvm_core: VMFactory) -> Iterator[VMSession]:
+    """The worker's pooled VMs (``vm.session``); its pools close before the factory does."""
+    from .vm.session import STATE_HOOKS, VMSession
+
+    hook = pytestconfig.hook
+    session = pytestconfig.stash[_session_key] = VMSession(
+        _flightvm_core, flightvm_settings, flightvm_run, notice=_progress(pytestconfig),
+        vm_ready=lambda vm: hook.pytest_flightvm_vm_ready(vm=vm),
+        before_snapshot=lambda vm: hook.pytest_flightvm_before_snapshot(vm=vm),
+        after_revert=lambda vm: hook.pytest_flightvm_after_revert(vm=vm),
+        implementations=lambda: {name: [impl.function for impl in getattr(hook, name).get_hookimpls()]
+                                 for name in STATE_HOOKS})
+    yield session
+    session.close()
 
 
 @pytest.fixture(scope="session")
 def flightvm_factory(_flightvm_core: VMFactory, pytestconfig: pytest.Config) -> Any:
     """``create(**overrides) -> VM`` for extra VMs; all are destroyed at session end."""
+    from .vm.session import ExtraVMs
 
-    class Factory:
-        def create(self, *, name: str | None = None, memory: int | None = None,
-                   vcpus: int | None = None, user_data: dict[str, Any] | None = None,
-                   host_ports: list[int] | tuple[int, ...] | None = None) -> Machine:
-            from .vm.factory import VMRequest
-
+    class Factory(ExtraVMs):
+        def make(self, **request: Any) -> Machine:
             with _one_line_errors():
-                ports = _host_ports(_flightvm_core.settings, host_ports, "flightvm_factory.create")
-                vm = _flightvm_core.create(VMRequest(
-                    name=name, memory=memory, vcpus=vcpus,
-                    user_data=(user_data,) if user_data else (), host_ports=ports))
-            pytestconfig.hook.pytest_flightvm_vm_ready(vm=vm)
-            return vm
+                return super().make(**request)
 
-        def destroy(self, vm: Machine) -> None:
-            _flightvm_core.discard(vm)
-
-    return Factory()
+    return Factory(_flightvm_core, lambda vm: pytestconfig.hook.pytest_flightvm_vm_ready(vm=vm))
 
 
-def _pool(request: pytest.FixtureRequest, name: str, profile: VMProfile | None = None) -> VMPool:
-    """The worker's pool for one kind of VM. Around a reset the order is: ``profile``'s
-    ``before_snapshot``, the user's ``pytest_flightvm_before_snapshot``, the pristine point;
-    and after each reset: ``profile.after_revert``, the user's ``pytest_flightvm_after_revert``,
-    ``profile.resume`` (the flightctl profile's agent is stopped while both user hooks run)."""
-    state = request.config.stash[_state_key]
-    pools: dict[str, VMPool] = state.setdefault("pools", {})
-    if name not in pools:
-        from .vm.pool import VMPool
-
-        core: VMFactory = request.getfixturevalue("_flightvm_core")
-        hook = request.config.hook
-
-        def before_snapshot(vm: Machine) -> None:
-            if profile is not None:
-                profile.before_snapshot(vm)
-            hook.pytest_flightvm_before_snapshot(vm=vm)
-
-        def after_revert(vm: Machine) -> None:
-            if profile is not None:
-                profile.after_revert(vm)
-            hook.pytest_flightvm_after_revert(vm=vm)
-            if profile is not None:
-                profile.resume(vm)
-            state["resumed"] = True
-
-        states = None
-        settings: Settings = request.config.stash[_settings_key]
-        if settings.state_cache in ("on", "registry"):
-            from .vm.statecache import StateCache
-            from .vm.stateshare import StateShare
-
-            states = StateCache(settings.states_dir, notice=_progress(request.config),
-                                share=StateShare.for_settings(settings, _progress(request.config)))
-        pools[name] = VMPool(
-            core,
-            on_ready=lambda vm: hook.pytest_flightvm_vm_ready(vm=vm),
-            before_snapshot=before_snapshot,
-            after_revert=after_revert,
-            notice=_progress(request.config),
-            states=states,
-            state_inputs=_state_inputs(request.config, profile),
-        )
-    return pools[name]
-
-
-def _state_inputs(config: pytest.Config, profile: VMProfile | None) -> tuple[str, ...]:
-    """Fingerprints of the code that shapes a VM before its pristine point (the user's
-    ``vm_ready`` and ``before_snapshot`` hooks, the profile's class): part of the state
-    key, so changing that code makes a new state instead of restoring a stale one."""
-    def fingerprint(obj: Any) -> str:
-        try:
-            text = inspect.getsource(obj)
-        except (OSError, TypeError):
-            code = getattr(obj, "__code__", None)
-            text = repr(code.co_code if code is not None else obj)
-        name = getattr(obj, "__qualname__", type(obj).__name__)
-        return f"{name}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-
-    parts: list[str] = []
-    for hookname in ("pytest_flightvm_vm_ready", "pytest_flightvm_before_snapshot"):
-        caller = getattr(config.hook, hookname)
-        parts.extend(f"{hookname}={fingerprint(impl.function)}" for impl in caller.get_hookimpls())
-    if profile is not None:
-        parts.append(f"profile={fingerprint(type(profile))}")
-    return tuple(parts)
-
-
-MARKER_ARGS = ("memory", "vcpus", "user_data", "reset", "host_ports", "agent")
-
-
-def _marker_overrides(request: pytest.FixtureRequest) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    for mark in reversed(list(request.node.iter_markers("flightvm"))):
-        merged.update(mark.kwargs)
-    unknown = set(merged) - set(MARKER_ARGS)
-    if unknown:
-        _fail_setup(ConfigError(f"marker flightvm: unknown argument(s) {sorted(unknown)}; "
-                                f"use {', '.join(MARKER_ARGS)}"))
-    if merged.get("agent", "running") not in ("running", "stopped"):
-        _fail_setup(ConfigError(f"marker flightvm: agent={merged['agent']!r} is not one of "
-                                "'running', 'stopped'"))
-    return merged
-
-
-def _host_ports(settings: Settings, extra: Any, where: str) -> tuple[int, ...]:
-    """The configured host ports plus those a marker or a factory call adds."""
-    from .config import parse_ports
-
-    return tuple(dict.fromkeys(settings.host_ports
-                               + (parse_ports(extra, where) if extra is not None else ())))
-
-
-def _pooled_vm(request: pytest.FixtureRequest, pool_name: str, user_data: dict[str, Any],
+def _pooled_vm(request: pytest.FixtureRequest, kind: str, user_data: dict[str, Any],
                profile: VMProfile | None = None) -> Iterator[Machine]:
-    from .vm.factory import VMRequest
+    from .vm.session import pooled_request
 
     settings: Settings = request.getfixturevalue("flightvm_settings")
-    marks = _marker_overrides(request)
-    reset = marks.get("reset") or settings.reset
-    user_datas = tuple(u for u in (user_data, marks.get("user_data")) if u)
-    try:
-        host_ports = _host_ports(settings, marks.get("host_ports"), "marker flightvm host_ports")
-    except ConfigError as exc:
-        _fail_setup(exc)
-    # The pool's VM boots (and is saved at its pristine point) with no forwards; they are
-    # opened per test below, after any reset, so a marker's ports cost a forward, not a boot.
-    req = VMRequest(memory=marks.get("memory"), vcpus=marks.get("vcpus"),
-                    user_data=(profile.user_data if profile else ()) + user_datas,
-                    seed_payload=profile.seed_payload if profile else {},
-                    ready_checks=profile.ready_checks if profile else (), host_ports=())
-    pool = _pool(request, pool_name, profile)
-    state = request.config.stash[_state_key]
-    previous, started = pool.current, time.monotonic()
-    try:
-        if profile is not None:
-            profile.configure(marks)
-        before = len(pool.resets)
-        state["resumed"] = False
-        vm = pool.acquire(req, reset)
-        if profile is not None and not state["resumed"]:
-            profile.resume(vm)  # no reset ran (reset=none, or reboot mode): apply the marker
-        resets = state.setdefault("resets", [])
-        resets.extend({**r, "test": request.node.nodeid} for r in pool.resets[before:])
-        # a reset rolled the guest back under the forwarding connection: open it again
-        vm.set_host_ports(host_ports, reopen=len(pool.resets) > before)
-        if vm is not previous or any(r["mode"] == "reboot" for r in pool.resets[before:]):
-            made = "booted"
-        else:
-            made = "reset" if len(pool.resets) > before else "reused"
-        _record_vm(request, vm, made, time.monotonic() - started)
-    except BootError as exc:
-        failed_vm: Machine | None = getattr(exc, "machine", None)
-        if failed_vm is not None:
-            _record_vm(request, failed_vm, "boot failed", time.monotonic() - started)
-            if profile is not None and not exc.detail.count("--- journal"):
-                exc.detail += "\n" + _best_effort(profile.diagnose, failed_vm)
-            if settings.keep != "never":
-                _keep(request, pool, failed_vm)
-            else:
-                pool.factory.discard(failed_vm)
-        _fail_setup(exc)
-    except FlightVMError as exc:
-        _fail_setup(exc)
+    marks: dict[str, Any] = {}
+    for mark in reversed(list(request.node.iter_markers("flightvm"))):
+        marks.update(mark.kwargs)
+    with _one_line_errors():  # a bad marker fails the test before any VM is asked for
+        req, reset, ports = pooled_request(settings, marks, user_data, profile)
+    session: VMSession = request.getfixturevalue("_flightvm_session")
+    with _one_line_errors():
+        vm = session.acquire(kind, req, reset, ports, marks=marks, profile=profile,
+                             test=request.node.nodeid,
+                             record=lambda vm, made, seconds: _record_vm(request, vm, made, seconds))
     request.node.stash.setdefault(_used_vms_key, []).append(vm)
     yield vm
     rep = getattr(request.node, "_flightvm_rep_call", None)
-    failed = bool(rep is not None and rep.failed) or vm.failed
-    keep = settings.keep == "always" or (settings.keep == "on-failure" and failed)
-    if keep and pool.current is vm:
-        pool.detach()
-        _keep(request, pool, vm)
+    session.release(kind, vm, failed=bool(rep is not None and rep.failed))
 
 
 def _record_vm(request: pytest.FixtureRequest, vm: Machine, made: str, seconds: float) -> None:
@@ -559,19 +336,6 @@ def _record_vm(request: pytest.FixtureRequest, vm: Machine, made: str, seconds: 
     artifact = getattr(vm, "artifact", None)
     if artifact is not None:
         props.append(("flightvm_console", str(artifact)))
-
-
-def _keep(request: pytest.FixtureRequest, pool: VMPool, vm: Machine) -> None:
-    # no getfixturevalue here: this runs in teardown too; the settings are resolved by now
-    run = _run_context(request.config, _settings(request.config))
-    (run.run_dir / f"kept-{vm.name}.txt").write_text(pool.factory.keep(vm) + "\n")
-
-
-def _best_effort(diagnose: Any, vm: Machine) -> str:
-    try:
-        return str(diagnose(vm))
-    except Exception as exc:  # noqa: BLE001 - diagnosis must not hide the real failure
-        return f"(could not collect diagnostics: {exc})"
 
 
 @pytest.fixture
@@ -594,7 +358,7 @@ def flightctl_vm(request: pytest.FixtureRequest, flightvm_settings: Settings,
     except ConfigError as exc:
         raise pytest.UsageError(f"flightvm: {exc}") from None
     # One profile per worker and config dir: the pool matches VMs by its ready checks' ids.
-    profiles = request.config.stash[_state_key].setdefault("profiles", {})
+    profiles = request.config.stash.setdefault(_profiles_key, {})
     if vm_config.root not in profiles:
         profiles[vm_config.root] = flightctl.FlightctlProfile(vm_config)
     yield from _pooled_vm(request, "flightctl", flightvm_user_data, profiles[vm_config.root])
@@ -617,15 +381,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     return rep
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    config = session.config
-    state = config.stash.get(_state_key, None)
-    if state is None:
-        return
-    for pool in state.get("pools", {}).values():
-        pool.close()
-
-
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     if _run_id_key not in config.stash or not _is_controller(config):
         return
@@ -639,59 +394,19 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     run_id, _ = config.stash[_run_id_key]
     if not (settings.runs_dir / run_id).exists():
         return  # no fixture made the run dir: no VM, nothing to say (and nothing imported)
-    from .metrics import aggregate
+    from .metrics import aggregate, kept_lines, publish, summary_lines
+    from .vm.factory import RunContext
 
-    run = _run_context(config, settings)
+    run = RunContext(run_id, settings.runs_dir / run_id)
     summary = aggregate(run)
     if not summary["resolves"] and not summary["vms"]:
         return
-    tr = terminalreporter
-    tr.section("flightvm")
-    for res in summary["resolves"]:
-        if res["source"] != "local":
-            tr.write_line(f"image: source={res['source']} bytes={res['bytes']} "
-                          f"seconds={res['seconds']:.1f} digest={res['digest'][:19]}")
-    local_hits = sum(1 for r in summary["resolves"] if r["source"] == "local")
-    tr.write_line(f"image resolves: {summary['image_transfers']} transfer/build, "
-                  f"{local_hits} local hit(s)")
-    for vm in summary["vms"]:
-        reverts = vm.get("revert_seconds") or []
-        rev = f" reverts={len(reverts)} median={sorted(reverts)[len(reverts) // 2]:.1f}s" \
-            if reverts else ""
-        ready = vm.get("ready_seconds")
-        if vm.get("start") == "restored" and ready is not None:
-            tr.write_line(f"vm {vm['name']}: accel={vm['accel']} restored "
-                          f"request_to_ready={ready:.1f}s{rev}")
-            continue
-        boot = vm.get("boot_seconds")
-        tr.write_line(f"vm {vm['name']}: accel={vm['accel']} booted boot_to_ready="
-                      f"{boot:.1f}s{rev}" if boot is not None else f"vm {vm['name']}: not ready")
-    resets = summary["resets"]
-    if resets:
-        reverts = sorted(r["seconds"] for r in resets if r["mode"] != "reboot" and r["ok"])
-        fallbacks = sum(1 for r in resets if r["mode"] != "reboot" and not r["ok"])
-        reboots = sum(1 for r in resets if r["mode"] == "reboot")
-        kinds = "/".join(sorted({r["mode"] for r in resets if r["mode"] != "reboot"})) or "pristine"
-        med = f", median {reverts[len(reverts) // 2]:.1f}s, max {reverts[-1]:.1f}s" if reverts else ""
-        tr.write_line(f"resets: {len(reverts)} {kinds} reset(s){med}; {reboots} fresh boot(s)"
-                      + (f"; {fallbacks} failed revert(s) replaced by a fresh boot" if fallbacks else ""))
-    for kept in run.run_dir.glob("kept-*.txt"):
-        tr.write_line(kept.read_text().rstrip())
-    if settings.metrics:
-        settings.metrics.parent.mkdir(parents=True, exist_ok=True)
-        settings.metrics.write_text(json.dumps(summary, indent=2, default=str))
-        tr.write_line(f"metrics written to {settings.metrics}")
-    if settings.artifacts is not None:
-        from . import artifacts
-
-        try:
-            where = artifacts.artifact_dir(settings.artifacts)
-            path = artifacts.write_new(where, f"flightvm-{run.run_id}", ".metrics.json",
-                                       json.dumps(summary, indent=2, default=str).encode())
-        except (ConfigError, OSError) as exc:
-            tr.write_line(f"flightvm: artifacts not written: {exc}")
-        else:
-            tr.write_line(f"artifacts (consoles, metrics) in {where} ({path.name})")
+    terminalreporter.section("flightvm")
+    for line in summary_lines(summary) + kept_lines(run.run_dir):
+        terminalreporter.write_line(line)
+    for line in publish(summary, run.run_id, metrics=settings.metrics,
+                        artifacts=settings.artifacts):
+        terminalreporter.write_line(line)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -3,19 +3,22 @@
 A builder has an ``identity`` (hashed into the cache key: change it and the
 key changes) and ``build(output, *, log)`` which writes a qcow2 to ``output``.
 A builder may also accept ``key=`` (the hex cache key); resolve passes it when
-the signature has it.
+the signature has it. ``HookBuilder`` is the ``pytest_flightvm_build_image`` hook as a
+builder (the plugin hands in the hook's implementations and a way to call it).
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..buildgroup import run_group
-from ..errors import BuildError, ConfigError
+from ..errors import BuildError, ConfigError, FlightVMError
 from .qcow2 import check_qcow2
 
 Log = Callable[[str], None]
@@ -73,6 +76,31 @@ class CommandBuilder:
                 detail="\n".join(tail),
             )
         check_qcow2(output, "the build command")
+
+
+class HookBuilder:
+    """The ``pytest_flightvm_build_image(config, output, key)`` hook as a builder.
+
+    ``implementations`` are the hook's functions with their plugin names; the identity
+    hashes their source (a plugin name where the source cannot be read), so editing the
+    hook changes the cache key. ``call(output, key)`` runs the hook; the key arrives as
+    resolve's ``key=`` argument."""
+
+    def __init__(self, implementations: Sequence[tuple[Callable[..., Any], str]],
+                 call: Callable[[Path, str], Any]) -> None:
+        sources = []
+        for function, plugin_name in implementations:
+            try:
+                sources.append(inspect.getsource(function))
+            except (OSError, TypeError):
+                sources.append(plugin_name)
+        self.identity = "hook:" + hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
+        self._call = call
+
+    def build(self, output: Path, *, log: Log | None = None, key: str = "") -> None:
+        if not self._call(output, key):
+            raise FlightVMError("pytest_flightvm_build_image returned no result; "
+                                "return True after writing the qcow2 to `output`")
 
 
 def default_builder() -> Builder:

@@ -82,8 +82,9 @@ class ResolvedImage:
 
 
 def run_id() -> str:
-    """Shared by all workers of one pytest-xdist run; the pid otherwise."""
-    return os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid-{os.getpid()}"
+    """The run a resolve belongs to when the caller names none (the CLI: one process);
+    the plugin passes its run id, shared by all xdist workers of one pytest run."""
+    return f"pid-{os.getpid()}"
 
 
 @contextlib.contextmanager

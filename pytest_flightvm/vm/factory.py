@@ -47,7 +47,7 @@ from .ports import release_port, reserve_port
 from .pristine import DEADLINE as PRISTINE_DEADLINE
 from .pristine import Pristine
 from .pristine import restore as restore_pristine
-from .reaper import KEPT_MARKER
+from .reaper import KEPT_MARKER, RUN_FILE, reap, write_run_file
 from .savefile import read_header, retarget_xml, write_retargeted
 from .ssh import Login, SSHClient, generate_keypair, write_askpass
 from .statecache import SavedState
@@ -104,6 +104,15 @@ class RunContext:
     @classmethod
     def create(cls, settings: Settings, run_id: str, worker: str) -> RunContext:
         return cls(run_id, make_run_dir(settings.runs_dir, run_id), worker)
+
+    @classmethod
+    def open(cls, runs_dir: Path, run_id: str, worker: str, owner: int | None = None) -> RunContext:
+        """The run's private dir (made if missing), owned by ``owner`` (the pytest
+        controller's pid, default this process): the reaper keeps it while that pid lives."""
+        run = cls(run_id, make_run_dir(runs_dir, run_id), worker)
+        if not (run.run_dir / RUN_FILE).exists():
+            write_run_file(run.run_dir, pid=owner)
+        return run
 
 
 def _file_digest(path: Path) -> str:
@@ -634,3 +643,19 @@ class VMFactory:
                 pass
             self._conn = None
 
+
+def open_factory(settings: Settings, base_image: Path, run: RunContext, *,
+                 notice: Callable[[str], None] = log.warning, **options: Any) -> VMFactory:
+    """The worker's factory, after reaping what dead runs left on its libvirt hosts; a
+    remote host gets the base now (once per digest per host). ``options`` are
+    :class:`VMFactory`'s."""
+    hosts = settings.host_list
+    reap(tuple(h.uri for h in hosts), settings.runs_dir, log=notice,
+         pools=tuple(h.pool for h in hosts if not h.local))
+    factory = VMFactory(settings, base_image, run, notice=notice, **options)
+    try:
+        factory.prepare_host()
+    except BaseException:
+        factory.close()
+        raise
+    return factory

@@ -8,7 +8,7 @@ import pytest
 
 from pytest_flightvm.cache import build
 from pytest_flightvm.cache.build import Builder, CommandBuilder, check_qcow2
-from pytest_flightvm.errors import BuildError, ConfigError
+from pytest_flightvm.errors import BuildError, ConfigError, FlightVMError
 
 WRITE_QCOW2 = "printf 'QFI\\373rest' > \"$FLIGHTVM_OUTPUT\""
 
@@ -83,3 +83,34 @@ def test_default_builder_missing_is_one_line(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "pytest_flightvm.builders.debian", None)
     with pytest.raises(BuildError, match="no builder available"):
         build.default_builder()
+
+
+def test_hook_builder_gets_the_key_as_an_argument(tmp_path: Path) -> None:
+    from pytest_flightvm.cache import resolve_image
+    from pytest_flightvm.config import Settings
+    from tests.fake_disk import write_fake_qcow2
+
+    calls: list[tuple[Path, str]] = []
+
+    def hook(output: Path, key: str) -> bool:
+        calls.append((output, key))
+        write_fake_qcow2(output, 4096)
+        return True
+
+    def impl_a(config: object, output: Path, key: str) -> bool:
+        return True
+
+    def impl_b(config: object, output: Path, key: str) -> None:
+        return None
+
+    builder = build.HookBuilder([(impl_a, "conftest")], hook)
+    assert isinstance(builder, Builder) and builder.identity.startswith("hook:")
+    assert build.HookBuilder([(impl_a, "conftest")], hook).identity == builder.identity
+    assert build.HookBuilder([(impl_b, "conftest")], hook).identity != builder.identity  # source
+    assert build.HookBuilder([(len, "p1")], hook).identity != build.HookBuilder(
+        [(len, "p2")], hook).identity  # no source to read: the plugin's name counts
+    settings = Settings(cache_dir=tmp_path / "cache", rootdir=tmp_path, arch="amd64")
+    image = resolve_image(settings, builder, log=lambda m: None)
+    assert image.source == "build" and [key for _, key in calls] == [image.key]
+    with pytest.raises(FlightVMError, match="pytest_flightvm_build_image returned no result"):
+        build.HookBuilder([(impl_b, "c")], lambda output, key: None).build(tmp_path / "o", key="k")

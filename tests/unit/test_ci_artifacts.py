@@ -1,5 +1,5 @@
 """--flightvm-artifacts without a VM: the dir and its files (private, new, never through
-a planted link), the junit XML user properties (through the plugin, with a stand-in pool),
+a planted link), the junit XML user properties (through the plugin, with tests.fake_backend),
 and the boot status printer's three modes (live, plain, silent)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 
 from pytest_flightvm import artifacts
 from pytest_flightvm.errors import ConfigError
+from tests.fake_backend import run_plugin_suite
 
 
 def test_the_dir_is_created_private_and_an_existing_one_is_left_as_is(tmp_path: Path) -> None:
@@ -66,53 +67,6 @@ def test_safe_names(name: str, safe: str) -> None:
     assert "/" not in artifacts.safe_name(name)
 
 
-CONFTEST = r'''
-import types
-import pytest
-import pytest_flightvm.vm.pool as pool_module
-
-
-class FakeVM:
-    failed = False
-
-    def __init__(self, n):
-        self.name = f"flightvm-fake-{n}"
-        self.artifact = None
-
-    def console_tail(self, lines=40):
-        return "login: "
-
-    def set_host_ports(self, ports, reopen=False):
-        pass
-
-
-class FakePool:
-    """A pool with no libvirt: boots once, then resets (or not, with reset='none')."""
-
-    def __init__(self, factory, **hooks):
-        self.factory, self.current, self.resets, self.booted = factory, None, [], 0
-
-    def acquire(self, request, reset):
-        if self.current is None:
-            self.booted += 1
-            self.current = FakeVM(self.booted)
-        elif reset != "none":
-            self.resets.append({"vm": self.current.name, "mode": "restore", "ok": True,
-                                "seconds": 0.5})
-        return self.current
-
-    def close(self):
-        pass
-
-
-pool_module.VMPool = FakePool  # the plugin imports it when a VM is first asked for
-
-
-@pytest.fixture(scope="session")
-def _flightvm_core():
-    yield object()
-'''
-
 TESTS = '''
 import pytest
 
@@ -129,27 +83,27 @@ def test_third(flightvm):
 
 
 def test_junit_entries_carry_the_vm(pytester: pytest.Pytester, tmp_path: Path) -> None:
-    pytester.makeconftest(CONFTEST)
     pytester.makepyfile(TESTS)
     xml = tmp_path / "junit.xml"
-    result = pytester.runpytest_subprocess(f"--junitxml={xml}", "-p", "no:cacheprovider",
-                                           f"--flightvm-cache-dir={tmp_path / 'cache'}")
+    result = run_plugin_suite(pytester, tmp_path / "cache", f"--junitxml={xml}")
     result.assert_outcomes(passed=2, failed=1)
     props = {}
     for case in ET.parse(xml).getroot().iter("testcase"):
         props[case.get("name")] = {p.get("name"): p.get("value")
                                    for p in case.iter("property")}
+    vm = props["test_first"]["flightvm_vm"]
+    assert vm.startswith("flightvm-") and vm.endswith("-main-1")
     assert {t: (p["flightvm_vm"], p["flightvm_vm_made"]) for t, p in props.items()} == {
-        "test_first": ("flightvm-fake-1", "booted"),
-        "test_second": ("flightvm-fake-1", "reset"),
-        "test_third": ("flightvm-fake-1", "reused"),
+        "test_first": (vm, "booted"),
+        "test_second": (vm, "reset"),
+        "test_third": (vm, "reused"),
     }
     assert all(float(p["flightvm_vm_seconds"]) >= 0 for p in props.values())
 
 
 STATUS_TESTS = '''
 import os
-from pytest_flightvm.plugin import _BootStatus
+from pytest_flightvm.plugin import _boot_status
 
 class VM:
     name = "flightvm-r-main-1"
@@ -158,7 +112,7 @@ def test_status(request):
     tr = request.config.pluginmanager.getplugin("terminalreporter")
     if os.environ.get("FAKE_TTY"):
         tr.isatty = True
-    status = _BootStatus(request.config)
+    status = _boot_status(request.config, False)
     for elapsed, stage in [(0, "firmware"), (1, "firmware"), (2, "kernel"), (3, "kernel"),
                            (4, "cloud-init init")]:
         status(VM(), float(elapsed), stage, False)

@@ -1,10 +1,10 @@
 """The flightctl profile without a VM: reset order around the user's hooks (through the
-plugin, with a stand-in pool and guest), the agent marker, payload over SSH, registry hosts."""
+plugin, with tests.fake_backend's pool and a stand-in guest), the agent marker, payload
+over SSH, registry hosts."""
 
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,22 +21,21 @@ from pytest_flightvm.flightctl import (
     payload_tar,
     registry_hosts,
 )
+from tests.fake_backend import record, run_plugin_suite
 
 CONFTEST = r'''
-import json, os, types
-import pytest
-import pytest_flightvm.vm.pool as pool_mod
-
-EVENTS = []
+import types
+import tests.fake_backend as fake
+from tests.fake_backend import EVENTS
 
 
-class FakeVM:
-    """Just enough guest: an agent unit that systemctl starts and stops."""
-    name = "flightvm-fake-1"
-    failed = False
+class AgentVM(fake.FakeVM):
+    """Just enough guest: an agent unit that systemctl starts and stops, and whose state
+    the pristine point keeps."""
     has_cloud_init = True
 
-    def __init__(self):
+    def __init__(self, *args):
+        super().__init__(*args)
         self.agent = "active"
 
     def run(self, cmd, check=True, timeout=None, input=None):
@@ -55,46 +54,14 @@ class FakeVM:
         out = self.agent if "is-active" in cmd else ""
         return types.SimpleNamespace(returncode=0, stdout=out + "\n", stderr="", ok=True)
 
-    def console_tail(self, lines=40):
-        return ""
+    def save_pristine(self):
+        self.saved = self.agent
 
-    def set_host_ports(self, ports, reopen=False):  # no host ports named in these tests
-        assert not ports
-
-
-class FakePool:
-    """The pool's callback interface, with no libvirt: boot = on_ready, before_snapshot,
-    the pristine point, after_revert; a reset = after_revert."""
-
-    def __init__(self, factory, *, on_ready, before_snapshot, after_revert, notice, **_state):
-        self.factory, self.on_ready = factory, on_ready
-        self.before_snapshot, self.after_revert = before_snapshot, after_revert
-        self.current, self.resets = None, []
-
-    def acquire(self, request, reset):
-        if self.current is None:
-            self.current = FakeVM()
-            EVENTS.append("boot")
-            self.on_ready(self.current)
-            self.before_snapshot(self.current)
-            EVENTS.append("pristine")
-            self.saved = self.current.agent  # the guest's state goes into the pristine point
-        else:
-            EVENTS.append("revert")
-            self.current.agent = self.saved
-        self.after_revert(self.current)
-        return self.current
-
-    def close(self):
-        pass
+    def back_to_pristine(self):
+        self.agent = self.saved
 
 
-pool_mod.VMPool = FakePool  # the plugin imports VMPool from here when first needed
-
-
-@pytest.fixture(scope="session")
-def _flightvm_core():
-    yield object()
+fake.VM_CLASS = AgentVM
 
 
 def pytest_flightvm_before_snapshot(vm):
@@ -103,16 +70,11 @@ def pytest_flightvm_before_snapshot(vm):
 
 def pytest_flightvm_after_revert(vm):
     EVENTS.append(f"user:after_revert:{vm.agent}")
-
-
-def pytest_sessionfinish(session):
-    with open(os.environ["EVENTS_FILE"], "w") as fh:
-        json.dump(EVENTS, fh)
 '''
 
 TESTS = '''
 import pytest
-from conftest import EVENTS
+from tests.fake_backend import EVENTS
 
 def test_a(flightctl_vm):
     EVENTS.append(f"test_a:{flightctl_vm.agent}")
@@ -127,24 +89,20 @@ def test_c(flightctl_vm):
 '''
 
 
-def test_reset_order_around_the_user_hooks(pytester: pytest.Pytester, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reset_order_around_the_user_hooks(pytester: pytest.Pytester, tmp_path: Path) -> None:
     vm_config = tmp_path / "vm-config"
     vm_config.mkdir()
     (vm_config / "config.yaml").write_text("spec-fetch-interval: 0m10s\n")
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(TESTS)
-    events_file = tmp_path / "events.json"
-    monkeypatch.setenv("EVENTS_FILE", str(events_file))
-    result = pytester.runpytest_subprocess(f"--flightvm-vm-config={vm_config}",
-                                           f"--flightvm-cache-dir={tmp_path / 'cache'}",
-                                           "-p", "no:cacheprovider")
+    cache = tmp_path / "cache"
+    result = run_plugin_suite(pytester, cache, f"--flightvm-vm-config={vm_config}")
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*flightvm: marker flightvm: agent='sleeping' is not one of "
                                  "'running', 'stopped'*"])
     assert "Traceback" not in result.stdout.str()
     reset = ["profile:rm-csr", "user:after_revert:inactive"]
-    assert json.loads(events_file.read_text()) == [
+    assert record(cache)["events"] == [
         "boot",
         "profile:stop", "profile:clear-state", "profile:rotate-journal",
         "user:before_snapshot:inactive",
