@@ -190,7 +190,7 @@ def _boot_status(config: pytest.Config, console: bool) -> BootStatus:
                       uncaptured=lambda: _uncaptured(config))
 
 
-def _builder(config: pytest.Config, settings: Settings) -> Any:
+def _builder(config: pytest.Config) -> Any:
     from .cache import build
 
     impls = config.pluginmanager.hook.pytest_flightvm_build_image.get_hookimpls()
@@ -199,9 +199,9 @@ def _builder(config: pytest.Config, settings: Settings) -> Any:
             [(impl.function, impl.plugin_name) for impl in impls],
             lambda output, key: config.hook.pytest_flightvm_build_image(config=config,
                                                                         output=output, key=key))
-    if settings.build_cmd:
-        return build.CommandBuilder(settings.build_cmd)
-    return None  # resolve falls back to the built-in Debian builder
+    # None: resolve picks --flightvm-build-cmd (run in the rootdir, as the CLI runs it) or
+    # the built-in Debian builder
+    return None
 
 
 # ---------------------------------------------------------------- fixtures
@@ -238,7 +238,7 @@ def flightvm_image(pytestconfig: pytest.Config, flightvm_settings: Settings,
 
     with _one_line_errors():
         image = resolve_image(
-            flightvm_settings, _builder(pytestconfig, flightvm_settings),
+            flightvm_settings, _builder(pytestconfig),
             record=flightvm_run.run_dir / "resolves.jsonl", log=_progress(pytestconfig),
             run=flightvm_run.run_id,
         )

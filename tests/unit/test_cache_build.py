@@ -73,8 +73,11 @@ def test_check_qcow2(tmp_path: Path) -> None:
         check_qcow2(bad)
 
 
-def test_builder_for() -> None:
+def test_builder_for(tmp_path) -> None:
     assert isinstance(build.builder_for("make image"), CommandBuilder)
+    # the plugin and the CLI both get it from here: the command runs in the rootdir
+    builder = build.builder_for("make image", tmp_path)
+    assert isinstance(builder, CommandBuilder) and builder.cwd == tmp_path
 
 
 def test_default_builder_missing_is_one_line(monkeypatch) -> None:
