@@ -18,6 +18,7 @@ import json
 import shutil
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,21 +86,9 @@ def check_overlay(path: Path, base: Path, what: str, *,
     if not backing_size or backing_name.rsplit("/", 2)[-2:] != ["sha256", base.name]:
         raise error(f"{what} is not an overlay of the base {base.name[:12]} (it names "
                     f"{backing_name[:80]!r} as its backing file); refused")
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise ToolMissingError("checking a pulled overlay needs qemu-img; apt-get install "
-                               "qemu-utils")
-    try:
-        proc = subprocess.run([qemu_img, "rebase", "-u", "-f", "qcow2", "-b", str(base),
-                               "-F", "qcow2", "--", str(path)], capture_output=True,
-                              timeout=QEMU_IMG_TIMEOUT, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise error(f"qemu-img rebase on {what} took over {QEMU_IMG_TIMEOUT:g} s; "
-                    "refused") from None
-    if proc.returncode != 0:
-        reason = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise error(f"{what} could not be put on the base ("
-                    f"{reason[-1][:160] if reason else 'qemu-img rebase'}); refused")
+    _qemu_img(["rebase", "-u", "-f", "qcow2", "-b", str(base), "-F", "qcow2", "--", str(path)],
+              what, error, "a pulled overlay",
+              lambda reason: f"{what} could not be put on the base ({reason}); refused")
     info = _qemu_img_info(path, what, error)
     base_info = _qemu_img_info(base, "the base image", error)
     specific = (info.get("format-specific") or {}).get("data") or {}
@@ -147,22 +136,29 @@ def _check_header(header: bytes, what: str, error: type[FlightVMError], *,
                         "image must be self-contained: `qemu-img convert -O qcow2` it)")
 
 
-def _qemu_img_info(path: Path, what: str, error: type[FlightVMError]) -> dict[str, Any]:
+def _qemu_img(args: list[str], what: str, error: type[FlightVMError], needs: str,
+              failed: Callable[[str], str]) -> subprocess.CompletedProcess[bytes]:
+    """``qemu-img ARGS`` on ``what``, bounded by QEMU_IMG_TIMEOUT; its failure is ``error``
+    with ``failed(last stderr line)``, a missing qemu-img is ToolMissingError."""
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
-        raise ToolMissingError("checking a pulled image needs qemu-img; apt-get install "
-                               "qemu-utils")
+        raise ToolMissingError(f"checking {needs} needs qemu-img; apt-get install qemu-utils")
     try:
-        proc = subprocess.run([qemu_img, "info", "--output=json", "-f", "qcow2", "--", str(path)],
-                              capture_output=True, timeout=QEMU_IMG_TIMEOUT,
+        proc = subprocess.run([qemu_img, *args], capture_output=True, timeout=QEMU_IMG_TIMEOUT,
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise error(f"qemu-img info on {what} took over {QEMU_IMG_TIMEOUT:g} s; "
+        raise error(f"qemu-img {args[0]} on {what} took over {QEMU_IMG_TIMEOUT:g} s; "
                     "refused") from None
     if proc.returncode != 0:
         reason = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise error(f"{what} is not a readable qcow2 ({reason[-1][:160] if reason else 'qemu-img'}"
-                    "); refused")
+        raise error(failed(reason[-1][:160] if reason else f"qemu-img {args[0]}"))
+    return proc
+
+
+def _qemu_img_info(path: Path, what: str, error: type[FlightVMError]) -> dict[str, Any]:
+    proc = _qemu_img(["info", "--output=json", "-f", "qcow2", "--", str(path)], what, error,
+                     "a pulled image",
+                     lambda reason: f"{what} is not a readable qcow2 ({reason}); refused")
     try:
         info = json.loads(proc.stdout)
     except ValueError:
