@@ -117,7 +117,10 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         "one after the other), and with the seed's podman path "
         "(`podman pull` + `podman create` + "
         "`podman cp` of a `FROM scratch` image holding `/qcow2/disk.qcow2`, vfs storage, "
-        "pushed with podman's default gzip layer).",
+        "pushed with podman's default gzip layer). Also hashlib's sha256 alone over the "
+        "page-cached blob, and the CPU seconds of each resolve and curl sample: the puller's "
+        "(process time and children, from getrusage) and the registry's (`/proc/PID/stat` of "
+        "the registry `make host` started), with the floor they imply on this host's CPUs.",
         "- **P3** peak RSS (`wait4` ru_maxrss, taken by a small launcher that forks it: "
         "ru_maxrss starts from the RSS a process had before exec) of a child process that "
         "pushes the base to a "
