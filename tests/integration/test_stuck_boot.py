@@ -44,9 +44,11 @@ def test_a_guest_that_hangs_twice_is_booted_twice_then_fails_in_one_line(
     result.assert_outcomes(errors=1)
     assert "Traceback" not in text, text[-3000:]
 
-    # far less than the boot timeout passed, for both boots and the pull (not a tight bound)
+    # Both boots, the pull and the cleanups took less than one boot timeout (one missed
+    # panic alone would have waited it out), each boot far less (asserted on the metrics
+    # below). Loose bounds on purpose: at load 9 a boot panicked 118 s in.
     timeout = 2 * BOOT_TIMEOUT  # TCG
-    assert elapsed < timeout / 2, f"two panicking boots took {elapsed:.0f} s (timeout {timeout})"
+    assert elapsed < timeout, f"two panicking boots took {elapsed:.0f} s (timeout {timeout})"
 
     # the first hang: one warning line naming the console line, then a fresh boot
     warnings = re.findall(r"^flightvm: VM (\S+) hung during boot \((.*)\); booting it once more$",
