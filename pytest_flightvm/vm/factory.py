@@ -292,12 +292,12 @@ class VMFactory:
             self._check_remote()
             accel = "kvm" if self.settings.accel == "kvm" else "tcg"
             self._check_hardware(accel)
-            return self._boot_on_a_free_port(name, request, accel, False)
+            return self._boot_unstuck(name, request, accel, False)
         state_dir = accel_mod.host_state_dir()
         with accel_mod.first_choice(self.settings.accel, state_dir) as (accel, probation):
             self._check_hardware(accel)
             try:
-                machine = self._boot_on_a_free_port(name, request, accel, probation)
+                machine = self._boot_unstuck(name, request, accel, probation)
             except KVMUnusable as exc:
                 accel_mod.save_verdict(state_dir, "tcg", str(exc))
                 self.notice(f"flightvm: KVM cannot run guests on this host ({exc}); "
@@ -307,7 +307,7 @@ class VMFactory:
                     accel_mod.save_verdict(state_dir, "kvm", "a guest booted under KVM")
                 return machine
         # the TCG boot after a failed probe runs without the probe lock
-        return self._boot_on_a_free_port(name, request, "tcg", False)
+        return self._boot_unstuck(name, request, "tcg", False)
 
     def _boot_on_a_free_port(self, name: str, request: VMRequest, accel: str,
                              probation: bool) -> Machine:
@@ -315,7 +315,7 @@ class VMFactory:
         free here), again with another port, up to PORT_TRIES times."""
         for attempt in range(1, PORT_TRIES + 1):
             try:
-                return self._boot_unstuck(name, request, accel, probation)
+                return self._boot(name, request, accel, probation)
             except HostPortTaken as exc:
                 if attempt == PORT_TRIES:
                     raise HostPortTaken(f"{exc}, and on {PORT_TRIES - 1} other port(s); "
@@ -325,16 +325,17 @@ class VMFactory:
 
     def _boot_unstuck(self, name: str, request: VMRequest, accel: str,
                       probation: bool) -> Machine:
-        """``_boot``; a guest whose console shows it stuck (GuestStuck: a kernel panic, a
-        long soft lockup or hung task) is destroyed with its files and booted once more
-        from scratch (overlay, seed, port, host key), after one warning line: TCG hangs
-        of that kind are transient. A second hang is the boot's failure, in one line.
+        """``_boot_on_a_free_port``; a guest whose console shows it stuck (GuestStuck: a
+        kernel panic, a long soft lockup or hung task) is destroyed with its files and
+        booted once more from scratch (overlay, seed, port, host key), after one warning
+        line: TCG hangs of that kind are transient. A second hang is the boot's failure,
+        in one line (so at most 2 hung boots, whatever the port retries on a remote host).
         The VM's ``boot_attempts`` and ``ready_seconds`` (request to ready) count them."""
         start = time.monotonic()
         for attempt in range(1, STUCK_BOOTS + 1):
             began = time.monotonic()
             try:
-                machine = self._boot(name, request, accel, probation)
+                machine = self._boot_on_a_free_port(name, request, accel, probation)
             except GuestStuck as exc:
                 hung: Machine | None = getattr(exc, "machine", None)
                 self.hung_boots.append({"vm": name, "attempt": attempt, "reason": exc.hit,

@@ -168,7 +168,7 @@ def _run(tmp_path: Path) -> RunContext:
 
 def test_one_stuck_boot_then_a_good_one_is_ready_with_two_attempts(tmp_path: Path) -> None:
     factory = _ScriptedBoots(_run(tmp_path), ["stuck", "ok"])
-    machine = factory._boot_on_a_free_port("flightvm-x-main-1", VMRequest(), "tcg", False)
+    machine = factory._boot_unstuck("flightvm-x-main-1", VMRequest(), "tcg", False)
     assert factory.calls == ["stuck", "ok"]
     assert machine.boot_attempts == 2
     [hung] = factory.discarded  # the hung one is gone before the fresh boot
@@ -198,7 +198,7 @@ def test_one_stuck_boot_then_a_good_one_is_ready_with_two_attempts(tmp_path: Pat
 def test_stuck_twice_is_one_line_error(tmp_path: Path) -> None:
     factory = _ScriptedBoots(_run(tmp_path), ["stuck", "stuck", "ok"])
     with pytest.raises(GuestStuck) as info:
-        factory._boot_on_a_free_port("flightvm-x-main-1", VMRequest(), "tcg", False)
+        factory._boot_unstuck("flightvm-x-main-1", VMRequest(), "tcg", False)
     assert factory.calls == ["stuck", "stuck"]  # once more, and no more
     err = info.value
     assert "\n" not in str(err)
@@ -225,5 +225,5 @@ def test_other_boot_failures_are_not_retried(tmp_path: Path) -> None:
 
     factory = _Fails(_run(tmp_path), [])
     with pytest.raises(BootError, match="emergency mode"):
-        factory._boot_on_a_free_port("flightvm-x-main-1", VMRequest(), "tcg", False)
+        factory._boot_unstuck("flightvm-x-main-1", VMRequest(), "tcg", False)
     assert factory.calls == ["fail"] and factory.notices == [] and factory.hung_boots == []
