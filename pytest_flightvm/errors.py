@@ -101,6 +101,16 @@ class BootError(FlightVMError):
     """A guest failed to become ready."""
 
 
+class GuestStuck(BootError):
+    """The guest's console shows it stuck during boot (a kernel panic, a long soft lockup
+    or hung task). The factory boots such a VM once more; ``hit`` is the console line's
+    verdict (``kernel panic: Kernel panic - not syncing: ...``)."""
+
+    def __init__(self, message: str, *, detail: str = "", hit: str = "") -> None:
+        super().__init__(message, detail=detail)
+        self.hit = hit
+
+
 class KVMUnusable(BootError):
     """KVM accepted the VM but the guest cannot run on it."""
 

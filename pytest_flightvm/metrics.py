@@ -3,7 +3,8 @@
 Layout under the run dir:
 - ``resolves.jsonl``: one line per image resolve (written by cache.resolve);
 - ``metrics/<worker>.json``: the VMs a worker booted or restored (``start``), their
-  request-to-ready, boot and revert seconds and accel;
+  request-to-ready, boot and revert seconds, boot attempts and accel; the boots whose
+  guest hung (``hung_boots``);
 - ``kept-<vm>.txt``: how to reach a VM kept for debugging (``vm.session``).
 
 The controller's terminal summary is :func:`summary_lines` and :func:`kept_lines` of the
@@ -34,8 +35,9 @@ def write_worker_metrics(run: RunContext, image: Any, factory: VMFactory,
             "vcpus": m.spec.vcpus,
             "start": m.started,  # "booted", or "restored" from a saved booted state
             "boot_seconds": m.boot_seconds,  # boot -> ready (booted VMs)
-            # request -> ready: a boot's time, or a restore's from a saved state
-            "ready_seconds": m.ready_seconds if m.started == "restored" else m.boot_seconds,
+            # request -> ready: a boot's time (every boot's, when one hung), or a restore's
+            "ready_seconds": m.ready_seconds if m.ready_seconds is not None else m.boot_seconds,
+            "boot_attempts": m.boot_attempts,  # 2: the first boot hung (factory._boot_unstuck)
             "restore_phases": {k: round(v, 3) for k, v in m.phases.items()}
             if m.started == "restored" else None,
             "revert_seconds": list(m.revert_seconds),
@@ -54,6 +56,7 @@ def write_worker_metrics(run: RunContext, image: Any, factory: VMFactory,
             "host": factory.host.label,
             "uploads": list(factory.uploads),
             "vms": vms,
+            "hung_boots": list(factory.hung_boots),
             "resets": resets or []}
     path = out / f"{run.worker}.json"
     tmp = path.with_suffix(".tmp")
@@ -81,6 +84,7 @@ def aggregate(run: RunContext) -> dict[str, Any]:
     vms: list[dict[str, Any]] = []
     resets: list[dict[str, Any]] = []
     uploads: list[dict[str, Any]] = []
+    hung: list[dict[str, Any]] = []
     hosts: dict[str, str] = {}
     workers = []
     for path in sorted((run.run_dir / "metrics").glob("*.json")):
@@ -92,6 +96,7 @@ def aggregate(run: RunContext) -> dict[str, Any]:
         vms.extend(data.get("vms", []))
         resets.extend(data.get("resets", []))
         uploads.extend(data.get("uploads", []))
+        hung.extend(data.get("hung_boots", []))
         if data.get("host"):
             hosts[data["worker"]] = data["host"]
     reverts = [s for vm in vms for s in vm.get("revert_seconds", [])]
@@ -101,6 +106,9 @@ def aggregate(run: RunContext) -> dict[str, Any]:
         "resolves": resolves,
         "image_transfers": sum(1 for r in resolves if r.get("source") != "local"),
         "vms": vms,
+        # boots whose guest hung (a panic, a long lockup): vm, attempt, reason, seconds,
+        # retried (false: the VM's last boot, which failed)
+        "hung_boots": hung,
         "revert_seconds": reverts,
         "resets": resets,  # one entry per reset, with the test it ran before
         "hosts": hosts,  # worker -> libvirt host (URI without its query)
@@ -130,8 +138,16 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                          f"request_to_ready={ready:.1f}s{rev}")
             continue
         boot = vm.get("boot_seconds")
+        attempts = vm.get("boot_attempts") or 1
+        again = (f" boot_attempts={attempts} request_to_ready={ready:.1f}s"
+                 if attempts > 1 and ready is not None else "")
         lines.append(f"vm {vm['name']}: accel={vm['accel']} booted boot_to_ready="
-                     f"{boot:.1f}s{rev}" if boot is not None else f"vm {vm['name']}: not ready")
+                     f"{boot:.1f}s{again}{rev}" if boot is not None
+                     else f"vm {vm['name']}: not ready")
+    for hung in summary.get("hung_boots") or []:
+        then = "booted once more" if hung.get("retried") else "boot failed"
+        lines.append(f"vm {hung['vm']}: boot {hung['attempt']} hung after {hung['seconds']:.0f}s "
+                     f"({hung['reason'][:120]}); {then}")
     resets = summary["resets"]
     if resets:
         reverts = sorted(r["seconds"] for r in resets if r["mode"] != "reboot" and r["ok"])

@@ -54,6 +54,7 @@ class FakeVM:
                                     firmware=SimpleNamespace(name="bios"), tpm=False,
                                     cpu_model=None)
         self.started, self.boot_seconds, self.ready_seconds = "booted", 1.5, 1.5
+        self.boot_attempts = 1
         self.phases: dict[str, float] = {}
         self.revert_seconds: list[float] = []
         self.pristine_seconds: float | None = None
@@ -103,6 +104,7 @@ class FakeFactory:
         self.uploads: list[dict[str, Any]] = []
         self.booted: list[Any] = []
         self.machines: list[Any] = []
+        self.hung_boots: list[dict[str, Any]] = []
         self.discarded: list[str] = []
 
     def create(self, request: Any) -> Any:

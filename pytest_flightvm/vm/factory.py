@@ -28,6 +28,7 @@ from ..errors import (
     BootError,
     ConfigError,
     FlightVMError,
+    GuestStuck,
     HostPortTaken,
     KVMUnusable,
     LibvirtUnreachable,
@@ -86,6 +87,8 @@ def _read_lines(path: Path | None) -> list[str]:
         return []
 #: Ports tried for one VM on a remote host before giving up (see _boot_on_a_free_port).
 PORT_TRIES = 3
+#: Boots of one VM whose guest hung (GuestStuck) before its boot fails (see _boot_unstuck).
+STUCK_BOOTS = 2
 
 
 def new_run_id() -> str:
@@ -189,6 +192,8 @@ class VMFactory:
         self.notice = notice
         self.machines: list[Machine] = []
         self.booted: list[Machine] = []  # every VM that became ready, for metrics
+        # every boot whose guest hung (GuestStuck), retried or not, for metrics
+        self.hung_boots: list[dict[str, Any]] = []
         self._counter = 0
         self._lock = threading.Lock()
         self._conn: Any = None
@@ -287,12 +292,12 @@ class VMFactory:
             self._check_remote()
             accel = "kvm" if self.settings.accel == "kvm" else "tcg"
             self._check_hardware(accel)
-            return self._boot_on_a_free_port(name, request, accel, False)
+            return self._boot_unstuck(name, request, accel, False)
         state_dir = accel_mod.host_state_dir()
         with accel_mod.first_choice(self.settings.accel, state_dir) as (accel, probation):
             self._check_hardware(accel)
             try:
-                machine = self._boot_on_a_free_port(name, request, accel, probation)
+                machine = self._boot_unstuck(name, request, accel, probation)
             except KVMUnusable as exc:
                 accel_mod.save_verdict(state_dir, "tcg", str(exc))
                 self.notice(f"flightvm: KVM cannot run guests on this host ({exc}); "
@@ -302,7 +307,7 @@ class VMFactory:
                     accel_mod.save_verdict(state_dir, "kvm", "a guest booted under KVM")
                 return machine
         # the TCG boot after a failed probe runs without the probe lock
-        return self._boot_on_a_free_port(name, request, "tcg", False)
+        return self._boot_unstuck(name, request, "tcg", False)
 
     def _boot_on_a_free_port(self, name: str, request: VMRequest, accel: str,
                              probation: bool) -> Machine:
@@ -316,6 +321,41 @@ class VMFactory:
                     raise HostPortTaken(f"{exc}, and on {PORT_TRIES - 1} other port(s); "
                                         "free some ports on that host") from None
                 self.notice(f"flightvm: {exc}; trying another port")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _boot_unstuck(self, name: str, request: VMRequest, accel: str,
+                      probation: bool) -> Machine:
+        """``_boot_on_a_free_port``; a guest whose console shows it stuck (GuestStuck: a
+        kernel panic, a long soft lockup or hung task) is destroyed with its files and
+        booted once more from scratch (overlay, seed, port, host key), after one warning
+        line: TCG hangs of that kind are transient. A second hang is the boot's failure,
+        in one line (so at most 2 hung boots, whatever the port retries on a remote host).
+        The VM's ``boot_attempts`` and ``ready_seconds`` (request to ready) count them."""
+        start = time.monotonic()
+        for attempt in range(1, STUCK_BOOTS + 1):
+            began = time.monotonic()
+            try:
+                machine = self._boot_on_a_free_port(name, request, accel, probation)
+            except GuestStuck as exc:
+                hung: Machine | None = getattr(exc, "machine", None)
+                self.hung_boots.append({"vm": name, "attempt": attempt, "reason": exc.hit,
+                                        "seconds": round(time.monotonic() - began, 1),
+                                        "retried": attempt < STUCK_BOOTS})
+                if attempt == STUCK_BOOTS:
+                    again = GuestStuck(f"{exc}; it hung on each of its {STUCK_BOOTS} boots",
+                                       detail=exc.detail, hit=exc.hit)
+                    again.machine = hung  # type: ignore[attr-defined]  # as _boot sets it
+                    raise again from None
+                if hung is not None:
+                    self._keep_console(hung, suffix=f".boot{attempt}")
+                    self.discard(hung)
+                self.notice(f"flightvm: VM {name} hung during boot ({exc.hit}); "
+                            "booting it once more")
+                continue
+            machine.boot_attempts = attempt
+            if attempt > 1:
+                machine.ready_seconds = time.monotonic() - start
+            return machine
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _check_hardware(self, accel: str) -> None:
@@ -590,11 +630,11 @@ class VMFactory:
         shutil.rmtree(vm_dir, ignore_errors=True)
         return private_dir(vm_dir, parents=False)
 
-    def _keep_console(self, machine: Machine) -> None:
+    def _keep_console(self, machine: Machine, suffix: str = "") -> None:
         try:
             machine.console_tail(1)  # a remote VM's console reaches its local mirror first
             logs = private_dir(self.run.run_dir / "consoles", parents=False)
-            shutil.copy2(machine.spec.console_log, logs / f"{machine.name}.log")
+            shutil.copy2(machine.spec.console_log, logs / f"{machine.name}{suffix}.log")
         except (OSError, FlightVMError):
             pass
 

@@ -90,6 +90,9 @@ class Machine:
         # ready_seconds is request -> ready, and boot_seconds stays None
         self.started = "booted"
         self.ready_seconds: float | None = None
+        # boots it took to get this VM ready: 2 when the first one hung (factory._boot_unstuck;
+        # then ready_seconds is request -> ready, both boots included)
+        self.boot_attempts = 1
         # Restored from another VM's state: after every restore the guest agent installs
         # this public key as the login's only one, and the hostname that VM's cloud-init
         # set (rename_from) becomes this VM's name (vm/resume.py).

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -139,7 +140,7 @@ class _NoBoot(VMFactory):
 
     def _boot(self, name: str, request: VMRequest, accel: str, probation: bool) -> Any:
         self.booted_names.append(name)
-        return None
+        return SimpleNamespace(name=name)  # the factory sets boot_attempts on it
 
 
 def test_vm_names_are_validated_before_any_file_is_touched(tmp_path: Path) -> None:
