@@ -56,9 +56,10 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None
     """Keep a copy of stderr from before pytest's capture takes fd 2 (this wrapper runs
     outside the capture plugin's): --flightvm-console streams guest consoles there, live,
     from a thread, while the tests' own output stays captured."""
-    with contextlib.suppress(OSError):
-        early_config.stash[_console_out_key] = os.fdopen(os.dup(2), "w", buffering=1,
-                                                         errors="replace")
+    from .progress import stderr_copy
+
+    if (out := stderr_copy()) is not None:
+        early_config.stash[_console_out_key] = out
     yield
 
 
@@ -84,10 +85,6 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as exc:
         raise pytest.UsageError(f"flightvm: {exc}") from None
     config.stash[_run_id_key] = startup.run_identity(getattr(config, "workerinput", None))
-
-
-def _is_controller(config: pytest.Config) -> bool:
-    return getattr(config, "workerinput", None) is None
 
 
 # ----------------------------------------------------------------- helpers
@@ -118,7 +115,7 @@ def _boot_status(config: pytest.Config, console: bool) -> BootStatus:
     from .progress import boot_status
 
     return boot_status(_progress(config), config.pluginmanager.getplugin("terminalreporter"),
-                       controller=_is_controller(config), console=console,
+                       controller=getattr(config, "workerinput", None) is None, console=console,
                        verbosity=config.getoption("verbose") or 0,
                        uncaptured=lambda: _uncaptured(config))
 
@@ -169,6 +166,7 @@ def flightvm_user_data() -> dict[str, Any]:
 def _flightvm_session(pytestconfig: pytest.Config, flightvm_settings: Settings,
                       flightvm_run: RunContext, flightvm_image: Any) -> Iterator[VMSession]:
     """The worker's factory and pooled VMs (``vm.session``); its metrics at the end."""
+    from .metrics import write_worker_metrics
     from .vm.session import UserHooks, VMSession
 
     with _one_line_errors():
@@ -178,7 +176,10 @@ def _flightvm_session(pytestconfig: pytest.Config, flightvm_settings: Settings,
                                  console_out=pytestconfig.stash.get(_console_out_key, None),
                                  progress=_boot_status(pytestconfig, flightvm_settings.console))
     yield session
-    session.close()
+    try:
+        session.close()
+    finally:
+        write_worker_metrics(flightvm_run, flightvm_image, session.factory, resets=session.resets)
 
 
 @pytest.fixture(scope="session")
@@ -252,7 +253,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    if _run_id_key not in config.stash or not _is_controller(config):
+    if _run_id_key not in config.stash or getattr(config, "workerinput", None) is not None:
         return
     run_id, _ = config.stash[_run_id_key]
     # no fixture ran here (no VM, or the xdist controller): the cache dir and metrics path do

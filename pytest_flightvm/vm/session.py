@@ -211,8 +211,8 @@ class VMSession:
     for its state key."""
 
     def __init__(self, factory: VMFactory, settings: Settings, run: RunContext, *,
-                 hooks: UserHooks, notice: Callable[[str], None], image: Any = None) -> None:
-        self.factory, self.settings, self.run, self.image = factory, settings, run, image
+                 hooks: UserHooks, notice: Callable[[str], None]) -> None:
+        self.factory, self.settings, self.run = factory, settings, run
         self.hooks = hooks
         self.notice = notice
         self.pools: dict[str, pool_module.VMPool] = {}
@@ -229,7 +229,7 @@ class VMSession:
         factory = factory_module.open_factory(
             settings, Path(image.path), run, user_data_hook=hooks.user_data, notice=notice,
             base_digest=getattr(image, "digest", None) or None, **options)
-        return cls(factory, settings, run, hooks=hooks, notice=notice, image=image)
+        return cls(factory, settings, run, hooks=hooks, notice=notice)
 
     def pool(self, kind: str, profile: VMProfile | None = None) -> pool_module.VMPool:
         """The pool for one kind of VM. Around a reset the order is: ``profile``'s
@@ -320,16 +320,12 @@ class VMSession:
         self.kept.append(vm.name)
 
     def close(self) -> None:
-        """Close the pools, then the factory (which destroys every VM it still has), then
-        write the worker's metrics (:mod:`metrics`: its VMs, uploads, resets, the image)."""
-        from ..metrics import write_worker_metrics
-
+        """Close the pools, then the factory (which destroys every VM it still has)."""
         try:
             for pool in self.pools.values():
                 pool.close()
         finally:
             self.factory.close()
-            write_worker_metrics(self.run, self.image, self.factory, resets=self.resets)
 
 
 class ExtraVMs:
