@@ -35,6 +35,7 @@ from pytest_flightvm.vm.stateshare import (
     rebuild_save_file,
     state_tag,
 )
+from tests.fake_disk import QCOW2_MAGIC
 
 KEY = "cd" * 32
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOv2a5bPq3ExampleExampleExampleExample0"
@@ -52,7 +53,7 @@ def test_metadata_round_trip_and_whitelist(tmp_path: Path) -> None:
     d = tmp_path / "vm"
     d.mkdir()
     for name in ("pristine.state", "pristine.qcow2"):
-        (d / name).write_bytes(b"QFI\xfb" + name.encode())
+        (d / name).write_bytes(QCOW2_MAGIC + name.encode())
     secret_meta = {**META, "key_path": str(tmp_path / "ssh" / "id_ed25519"),
                    "private": "-----BEGIN OPENSSH PRIVATE KEY-----"}
     assert cache.publish(KEY, Pristine(d / "pristine.state", d / "pristine.qcow2", None),
@@ -315,7 +316,7 @@ def test_background_push_prints_when_the_session_waits(tmp_path: Path) -> None:
     d = tmp_path / "vm"
     d.mkdir()
     for name in ("pristine.state", "pristine.qcow2"):
-        (d / name).write_bytes(b"QFI\xfb" + name.encode())
+        (d / name).write_bytes(QCOW2_MAGIC + name.encode())
     cache.publish(KEY, Pristine(d / "pristine.state", d / "pristine.qcow2", None), META)
     share.push_soon(cache, KEY)
     assert notices == []
