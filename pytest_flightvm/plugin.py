@@ -56,10 +56,9 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None
     """Keep a copy of stderr from before pytest's capture takes fd 2 (this wrapper runs
     outside the capture plugin's): --flightvm-console streams guest consoles there, live,
     from a thread, while the tests' own output stays captured."""
-    from .progress import stderr_copy
-
-    if (out := stderr_copy()) is not None:
-        early_config.stash[_console_out_key] = out
+    with contextlib.suppress(OSError):
+        early_config.stash[_console_out_key] = os.fdopen(os.dup(2), "w", buffering=1,
+                                                         errors="replace")
     yield
 
 

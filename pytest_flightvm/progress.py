@@ -8,11 +8,10 @@ quiet, and a way to step out of output capture); :mod:`vm.bootstage` names the s
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol
 
 from .vm.bootstage import format_status
 
@@ -70,15 +69,6 @@ class BootStatus:
             if done:
                 tr.write("\n")
             tr.flush()
-
-
-def stderr_copy() -> TextIO | None:
-    """A line-buffered copy of stderr (fd 2) as it is now, before pytest's capture takes
-    it: --flightvm-console streams guest consoles there; None when fd 2 is closed."""
-    try:
-        return os.fdopen(os.dup(2), "w", buffering=1, errors="replace")
-    except OSError:
-        return None
 
 
 def stderr_lines(uncaptured: Uncaptured) -> Callable[[str], None]:
