@@ -7,8 +7,9 @@ Layout under the run dir:
   guest hung (``hung_boots``);
 - ``kept-<vm>.txt``: how to reach a VM kept for debugging (``vm.session``).
 
-The controller's terminal summary is :func:`summary_lines` and :func:`kept_lines` of the
-aggregate, then :func:`publish` (the ``--flightvm-metrics`` file, the artifacts copy).
+The controller's terminal summary is :func:`run_summary`: :func:`summary_lines` and
+:func:`kept_lines` of the aggregate, then :func:`publish` (the ``--flightvm-metrics``
+file, the artifacts copy).
 """
 
 from __future__ import annotations
@@ -187,3 +188,14 @@ def publish(summary: dict[str, Any], run_id: str, *, metrics: Path | None,
         else:
             lines.append(f"artifacts (consoles, metrics) in {where} ({path.name})")
     return lines
+
+
+def run_summary(run_id: str, run_dir: Path, metrics: Path | None,
+                artifacts: Path | None) -> list[str]:
+    """The terminal summary's lines for the run, the summary published (:func:`publish`,
+    its lines last); none when the run resolved no image and made no VM."""
+    summary = aggregate(RunContext(run_id, run_dir))
+    if not summary["resolves"] and not summary["vms"]:
+        return []
+    lines = summary_lines(summary) + kept_lines(run_dir)
+    return lines + publish(summary, run_id, metrics=metrics, artifacts=artifacts)

@@ -8,11 +8,14 @@ quiet, and a way to step out of output capture); :mod:`vm.bootstage` names the s
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from .vm.bootstage import format_status
+
+Uncaptured = Callable[[], AbstractContextManager[Any]]
 
 
 class Terminal(Protocol):
@@ -36,7 +39,7 @@ class BootStatus:
 
     def __init__(self, plain: Callable[[str], None], *, terminal: Terminal | None = None,
                  quiet: bool = False,
-                 uncaptured: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+                 uncaptured: Uncaptured = contextlib.nullcontext,
                  ) -> None:
         self.plain = plain
         self.terminal = terminal
@@ -66,3 +69,23 @@ class BootStatus:
             if done:
                 tr.write("\n")
             tr.flush()
+
+
+def stderr_lines(uncaptured: Uncaptured) -> Callable[[str], None]:
+    """A writer of whole lines to stderr, outside the tests' output capture."""
+
+    def emit(line: str) -> None:
+        with uncaptured():
+            sys.stderr.write(line.rstrip() + "\n")
+            sys.stderr.flush()
+
+    return emit
+
+
+def boot_status(plain: Callable[[str], None], terminal: Terminal | None, *, controller: bool,
+                console: bool, verbosity: int, uncaptured: Uncaptured) -> BootStatus:
+    """Live status lines on the controller's terminal (plain ones under xdist, without a
+    tty, or with --flightvm-console streaming to the same terminal), none with -qq."""
+    live = controller and bool(getattr(terminal, "isatty", False)) and not console
+    return BootStatus(plain, terminal=terminal if live else None, quiet=verbosity <= -2,
+                      uncaptured=uncaptured)

@@ -32,7 +32,7 @@ from typing import Any
 from pytest_flightvm.errors import BootError
 from pytest_flightvm.vm import factory as factory_module
 from pytest_flightvm.vm import pool as pool_module
-from tests.fake_disk import write_fake_qcow2
+from tests.fake_disk import QCOW2_MAGIC, write_fake_qcow2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EVENTS: list[str] = []  # the pool's steps, in order, for tests of the hook order
@@ -97,7 +97,7 @@ class FakeFactory:
                  user_data_hook: Callable[[str, dict[str, Any]], None] | None = None,
                  notice: Callable[[str], None] = print, progress: Any = None,
                  **_options: Any) -> None:
-        assert base_image.read_bytes()[:4] == b"QFI\xfb"  # the plugin resolved a real image
+        assert base_image.read_bytes()[:4] == QCOW2_MAGIC  # the plugin resolved a real image
         self.settings, self.run, self.notice = settings, run, notice
         self.user_data_hook, self.progress = user_data_hook, progress
         self.host = SimpleNamespace(label="fake", local=True)

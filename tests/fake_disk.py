@@ -11,17 +11,19 @@ is a real qcow2 whose bytes are as random as the payload.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from pathlib import Path
 
 MiB = 1 << 20
+QCOW2_MAGIC = b"QFI\xfb"  # a qcow2's first four bytes: tests use this name, never the literal
 
 
 def _header() -> bytes:
     b = bytearray(1792)
     # magic, version, backing offset+size, cluster bits, size, crypt, L1 size+offset,
     # refcount table offset+clusters, snapshots count+offset
-    struct.pack_into(">4sIQIIQIIQQIIQ", b, 0, b"QFI\xfb", 3, 0, 0, 9, MiB, 0, 32, 1536, 512,
+    struct.pack_into(">4sIQIIQIIQQIIQ", b, 0, QCOW2_MAGIC, 3, 0, 0, 9, MiB, 0, 32, 1536, 512,
                      1, 0, 0)
     struct.pack_into(">QQQII", b, 72, 0, 0, 0, 4, 112)  # features, refcount order, length
     struct.pack_into(">Q", b, 512, 1024)  # refcount table -> the refcount block
@@ -38,7 +40,9 @@ def qcow2_bytes(payload: bytes) -> bytes:
 
 def write_fake_qcow2(path: Path, size: int, seed: int | bytes | None = None) -> Path:
     """A plain qcow2 of ``size`` bytes in all (at least the header): HEADER, then
-    pseudo-random bytes from ``seed`` (distinct per seed)."""
+    pseudo-random bytes from ``seed`` (distinct per seed). The one writer of fake disks:
+    the tiers call it with ``n * MiB`` and a fixed seed (the fault tier's golden digests),
+    or ``os.urandom(16)`` for content no other test has (see :func:`random_qcow2`)."""
     unit = hashlib.sha256(seed if isinstance(seed, bytes) else str(seed).encode()).digest()
     unit *= MiB // 32
     with open(path, "wb") as f:
@@ -50,6 +54,11 @@ def write_fake_qcow2(path: Path, size: int, seed: int | bytes | None = None) -> 
             left -= len(part)
             i += 1
     return path
+
+
+def random_qcow2(path: Path, size: int = MiB) -> Path:
+    """:func:`write_fake_qcow2` with content no other call writes (a fresh random seed)."""
+    return write_fake_qcow2(path, size, os.urandom(16))
 
 
 def qcow2_with(tmp_path: Path, **fields: int) -> Path:

@@ -13,9 +13,32 @@ from typing import Any
 from pytest_flightvm.cache.registry import FlightRegistry
 from pytest_flightvm.cache.resolve import ResolvedImage, push_file, resolve_image
 from pytest_flightvm.config import Settings, resolve
+from pytest_flightvm.vm.factory import RunContext, VMFactory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_REPO = "flightvm/base"
+
+
+class _VersionsOnly:
+    """What a factory asks a libvirt connection before any domain: the versions (QEMU 7.2,
+    libvirt 9.0, as docs/HOST.md measured here)."""
+
+    def getVersion(self) -> int:  # noqa: N802 - libvirt's name
+        return 7002000
+
+    def getLibVersion(self) -> int:  # noqa: N802
+        return 9000000
+
+
+def offline_factory(tmp_path: Path, **settings: Any) -> VMFactory:
+    """A VMFactory for the unit tier (state keys, pool wiring): its run dir made, a base
+    that is never read, and a connection that answers only the version calls."""
+    s = Settings(cache_dir=tmp_path / "cache", accel="tcg", **settings)
+    run = RunContext("261203000000-aaaa", tmp_path / "run", "gw0")
+    run.run_dir.mkdir(mode=0o700, parents=True)
+    factory = VMFactory(s, tmp_path / "base.qcow2", run, base_digest="sha256:" + "1" * 64)
+    factory._conn = _VersionsOnly()  # noqa: SLF001 - no libvirt in the unit tier
+    return factory
 
 
 def ensure_base_in_registry(local_registry: str) -> tuple[Settings, ResolvedImage]:

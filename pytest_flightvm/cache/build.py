@@ -4,7 +4,7 @@ A builder has an ``identity`` (hashed into the cache key: change it and the
 key changes) and ``build(output, *, log)`` which writes a qcow2 to ``output``.
 A builder may also accept ``key=`` (the hex cache key); resolve passes it when
 the signature has it. ``HookBuilder`` is the ``pytest_flightvm_build_image`` hook as a
-builder (the plugin hands in the hook's implementations and a way to call it).
+builder (:func:`hook_builder`: from the hook's implementations and a way to call it).
 """
 
 from __future__ import annotations
@@ -101,6 +101,18 @@ class HookBuilder:
         if not self._call(output, key):
             raise FlightVMError("pytest_flightvm_build_image returned no result; "
                                 "return True after writing the qcow2 to `output`")
+
+
+def hook_builder(hook: Any, config: Any) -> HookBuilder | None:
+    """The build hook as a builder when some plugin implements it, else None (resolve then
+    picks --flightvm-build-cmd, run in the rootdir as the CLI runs it, or the built-in
+    Debian builder). ``hook`` is pluggy's caller of ``pytest_flightvm_build_image``;
+    ``config`` is handed back to it, untouched."""
+    impls = hook.get_hookimpls()
+    if not impls:
+        return None
+    return HookBuilder([(impl.function, impl.plugin_name) for impl in impls],
+                       lambda output, key: hook(config=config, output=output, key=key))
 
 
 def default_builder() -> Builder:

@@ -26,7 +26,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,16 @@ def qcow2_virtual_size(path: Path) -> int:
     if len(head) < 32 or head[:4] != b"QFI\xfb":
         raise HostStorageError(f"{path} is not a qcow2 image; cannot use it as a remote base")
     return int(struct.unpack(">Q", head[24:32])[0])
+
+
+def _send_all(stream: Any, data: bytes) -> None:
+    """Send all of ``data`` on a blocking libvirt stream (a send may take only part)."""
+    view = memoryview(data)
+    while view:
+        n = stream.send(view.tobytes())
+        if n < 0:
+            raise HostStorageError("libvirt stream refused data")
+        view = view[n:]
 
 
 @dataclass(frozen=True)
@@ -221,61 +231,49 @@ class HostStorage:
         return vol
 
     # ------------------------------------------------------------- streams
-    def upload(self, vol: Any, local: Path, *, progress: Callable[[int], None] | None = None) -> None:
+    @contextlib.contextmanager
+    def _stream(self, what: str) -> Iterator[Any]:
+        """A libvirt stream for one transfer: finished when the body returns, aborted when
+        anything escapes it (a libvirt error, our own refusal, an interrupt or a kill
+        signal's exception mid-transfer), so no stream is left open on the host. A libvirt
+        error is one HostStorageError: ``<host>: <what> failed (<libvirt's reason>)``."""
         import libvirt
 
-        size = local.stat().st_size
         stream = self.conn.newStream(0)
-        sent = 0
         try:
-            vol.upload(stream, 0, size, 0)
-            with open(local, "rb") as f:
-                while True:
-                    chunk = f.read(CHUNK)
-                    if not chunk:
-                        break
-                    view = memoryview(chunk)
-                    while view:
-                        n = stream.send(view.tobytes())
-                        if n < 0:
-                            raise HostStorageError("libvirt stream refused data")
-                        view = view[n:]
-                    sent += len(chunk)
-                    if progress is not None:
-                        progress(sent)
+            yield stream
             stream.finish()
         except libvirt.libvirtError as exc:
             with contextlib.suppress(Exception):
                 stream.abort()
-            raise HostStorageError(f"{self.host.label}: upload of {local.name} to "
-                                   f"{vol.name()} failed ({error_text(exc)})") from None
+            raise HostStorageError(f"{self.host.label}: {what} failed ({error_text(exc)})") from None
         except BaseException:
             with contextlib.suppress(Exception):
                 stream.abort()
             raise
 
-    def upload_bytes(self, vol: Any, data: bytes) -> None:
-        import libvirt
+    def upload(self, vol: Any, local: Path, *, progress: Callable[[int], None] | None = None) -> None:
+        size = local.stat().st_size
+        sent = 0
+        with self._stream(f"upload of {local.name} to {vol.name()}") as stream:
+            vol.upload(stream, 0, size, 0)
+            with open(local, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    _send_all(stream, chunk)
+                    sent += len(chunk)
+                    if progress is not None:
+                        progress(sent)
 
-        stream = self.conn.newStream(0)
-        try:
+    def upload_bytes(self, vol: Any, data: bytes) -> None:
+        with self._stream(f"upload to {vol.name()}") as stream:
             vol.upload(stream, 0, len(data), 0)
-            stream.send(data)
-            stream.finish()
-        except libvirt.libvirtError as exc:
-            with contextlib.suppress(Exception):
-                stream.abort()
-            raise HostStorageError(f"{self.host.label}: upload to {vol.name()} failed "
-                                   f"({error_text(exc)})") from None
+            _send_all(stream, data)
 
     def download(self, vol: Any, offset: int, limit: int = 64 * 1024 * 1024) -> bytes:
         """Bytes of ``vol`` from ``offset`` to its end (at most ``limit``)."""
-        import libvirt
-
-        stream = self.conn.newStream(0)
         parts: list[bytes] = []
         total = 0
-        try:
+        with self._stream(f"download of {vol.name()}") as stream:
             vol.download(stream, offset, 0, 0)
             while True:
                 data = stream.recv(CHUNK)
@@ -287,16 +285,6 @@ class HostStorage:
                 total += len(data)
                 if total > limit:
                     raise HostStorageError(f"{vol.name()} is larger than {limit} bytes")
-            stream.finish()
-        except libvirt.libvirtError as exc:
-            with contextlib.suppress(Exception):
-                stream.abort()
-            raise HostStorageError(f"{self.host.label}: download of {vol.name()} failed "
-                                   f"({error_text(exc)})") from None
-        except BaseException:
-            with contextlib.suppress(Exception):
-                stream.abort()
-            raise
         return b"".join(parts)
 
     # -------------------------------------------------------------- per VM

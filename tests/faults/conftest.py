@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultkit import SEED, Golden, Tally, fake_qcow2, sha256_file
+from faultkit import SEED, Golden, Tally, sha256_file
 
 from pytest_flightvm.cache.registry import FlightRegistry
 from pytest_flightvm.cache.resolve import resolve_image
+from tests.fake_disk import MiB, write_fake_qcow2
 from tests.support import ensure_base_in_registry
 
 # -- the tally --------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def real_base(local_registry: str) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def golden(local_registry: str, tmp_path_factory: pytest.TempPathFactory) -> Golden:
     root = tmp_path_factory.mktemp("golden")
-    disk = fake_qcow2(root / "golden.qcow2", 64, seed=SEED)
+    disk = write_fake_qcow2(root / "golden.qcow2", 64 * MiB, seed=SEED)
     builds = root / "builds"
     cmd = (f'[ -z "$NO_BUILD" ] || exit 97; echo x >> {builds}; '
            f'cp {disk} "$FLIGHTVM_OUTPUT"')

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from pytest_flightvm.config import Settings
-from tests.fake_disk import write_fake_qcow2
 from tests.own_registry import OwnRegistry, make_ca_and_cert
 from tests.own_registry import start_registry as _start_registry
 
@@ -34,7 +33,6 @@ __all__ = ["OwnRegistry", "make_ca_and_cert"]  # re-exported for the fault tests
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
 PY = sys.executable
-QCOW2_MAGIC = b"QFI\xfb"
 MiB = 1 << 20
 VIRSH = ["virsh", "-c", "qemu:///system"]
 SEED = int(os.environ.get("FLIGHTVM_FAULTS_SEED", "8"))
@@ -47,12 +45,6 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(MiB):
             h.update(chunk)
     return "sha256:" + h.hexdigest()
-
-
-def fake_qcow2(path: Path, mib: int, seed: int = 0) -> Path:
-    """A plain qcow2 of ``mib`` MiB that passes every check: a real header, then
-    pseudo-random bytes from ``seed``."""
-    return write_fake_qcow2(path, mib * MiB, seed)
 
 
 # -- the flightvm CLI -----------------------------------------------------------------------

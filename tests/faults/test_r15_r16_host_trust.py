@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from faultkit import PY, SEED, Tally, assert_no_traceback, base_env, cli, fake_qcow2, virsh
+from faultkit import PY, SEED, Tally, assert_no_traceback, base_env, cli, virsh
 from test_r6_bad_input import check_cli, check_no_domain, check_setup_error, session
 
 from pytest_flightvm.config import Settings
@@ -39,6 +39,7 @@ from pytest_flightvm.vm import accel
 from pytest_flightvm.vm.domain import DomainSpec, Owner
 from pytest_flightvm.vm.factory import RunContext, VMFactory, make_run_dir, new_run_id
 from pytest_flightvm.vm.reaper import write_run_file
+from tests.fake_disk import MiB, write_fake_qcow2
 
 NOBODY = 65534
 
@@ -124,7 +125,7 @@ def test_r15_port_table_dirs(tally: Tally, tmp_path: Path, victim: Path) -> None
 def test_r15_run_dir_pieces(tally: Tally, pytester: pytest.Pytester, tmp_path: Path,
                             victim: Path) -> None:
     before = snapshot(victim)
-    small = fake_qcow2(tmp_path / "small.qcow2", 1, seed=SEED + 15)
+    small = write_fake_qcow2(tmp_path / "small.qcow2", MiB, seed=SEED + 15)
     with tally.trial("R15", "pytest session: the cache dir's runs/ is a planted link"):
         cache = tmp_path / "cache-a"
         cache.mkdir()
@@ -170,7 +171,7 @@ def test_r15_run_dir_pieces(tally: Tally, pytester: pytest.Pytester, tmp_path: P
 def test_r15_store_tmp_seed_key_and_foreign_cache_dir(tally: Tally, pytester: pytest.Pytester,
                                                       tmp_path: Path, victim: Path) -> None:
     before = snapshot(victim)
-    small = fake_qcow2(tmp_path / "small.qcow2", 1, seed=SEED + 16)
+    small = write_fake_qcow2(tmp_path / "small.qcow2", MiB, seed=SEED + 16)
     with tally.trial("R15", "the store's tmp/ is a planted link (the sweep would delete there)"):
         cache = tmp_path / "cache-s"
         (cache / "store").mkdir(parents=True)

@@ -32,7 +32,6 @@ from faultkit import (
     base_env,
     check_store,
     cli,
-    fake_qcow2,
     kill_pid,
     partials_of,
     pid_alive,
@@ -42,6 +41,7 @@ from faultkit import (
 
 from pytest_flightvm.cache.registry import FlightRegistry
 from pytest_flightvm.cache.store import Store
+from tests.fake_disk import MiB, write_fake_qcow2
 
 rng = random.Random(SEED * 1000 + 2)
 PULL_TRIALS, BUILD_TRIALS, PUSH_TRIALS = 8, 7, 7
@@ -158,7 +158,7 @@ def test_kill_mid_build(tally: Tally, tmp_path: Path) -> None:
 
 
 def test_kill_mid_push(local_registry: str, tally: Tally, tmp_path: Path) -> None:
-    disk = fake_qcow2(tmp_path / "push.qcow2", 48, seed=SEED + 2)
+    disk = write_fake_qcow2(tmp_path / "push.qcow2", 48 * MiB, seed=SEED + 2)
     digest, size = sha256_file(disk), disk.stat().st_size
     recs = []
     for i, (kind, fraction) in enumerate(PUSH_POINTS):

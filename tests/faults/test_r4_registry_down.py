@@ -22,7 +22,6 @@ from faultkit import (
     base_env,
     cli,
     closed_port,
-    fake_qcow2,
     flightvm_lines,
     sha256_file,
     start_registry,
@@ -31,6 +30,7 @@ from faultkit import (
 from pytest_flightvm.cache import resolve_image
 from pytest_flightvm.cache.registry import FlightRegistry
 from pytest_flightvm.config import Settings
+from tests.fake_disk import MiB, write_fake_qcow2
 
 LIMIT = 10.0
 
@@ -112,7 +112,7 @@ def test_plugin_session_builds_with_one_warning(bad_registry: str, golden: Golde
 def test_registry_gone_after_caching_serves_the_store(tally: Tally, tmp_path: Path) -> None:
     """Pin an image from a registry, then lose the registry: down, then stalled on its port."""
     reg = start_registry(tmp_path / "registry", tls=False, auth=False)
-    disk = fake_qcow2(tmp_path / "pinned.qcow2", 8, seed=SEED + 4)
+    disk = write_fake_qcow2(tmp_path / "pinned.qcow2", 8 * MiB, seed=SEED + 4)
     try:
         FlightRegistry(reg.repo()).push_disk(disk, ["pinned"], arch="amd64")
         settings = Settings(cache_dir=tmp_path / "cache", image=f"{reg.repo()}:pinned",

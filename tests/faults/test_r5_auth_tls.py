@@ -24,7 +24,6 @@ from faultkit import (
     Tally,
     base_env,
     cli,
-    fake_qcow2,
     make_ca_and_cert,
     one_line_setup_error,
     sha256_file,
@@ -32,6 +31,7 @@ from faultkit import (
 )
 
 from pytest_flightvm.cache.registry import Credentials, FlightRegistry
+from tests.fake_disk import MiB, write_fake_qcow2
 
 WRONG = SECRET + "-nope"
 FORBIDDEN = [SECRET, base64.b64encode(f"{USER}:{SECRET}".encode()).decode(),
@@ -62,7 +62,7 @@ def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRegist
 @pytest.fixture(scope="module")
 def artifact(tls_registry: OwnRegistry, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A qcow2 already in the TLS registry as ``:t`` (pushed with the right credentials)."""
-    disk = fake_qcow2(tmp_path_factory.mktemp("tls-art") / "d.qcow2", 2, seed=SEED + 5)
+    disk = write_fake_qcow2(tmp_path_factory.mktemp("tls-art") / "d.qcow2", 2 * MiB, seed=SEED + 5)
     reg = FlightRegistry(tls_registry.repo(), ca=str(tls_registry.ca),
                          credentials=Credentials("test", USER, SECRET))
     reg.push_disk(disk, ["t"], arch="amd64")

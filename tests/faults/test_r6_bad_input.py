@@ -24,12 +24,12 @@ from faultkit import (
     base_env,
     cli,
     domains_referencing,
-    fake_qcow2,
     one_line_setup_error,
     tmpfs,
 )
 
 from pytest_flightvm.cache.registry import FlightRegistry
+from tests.fake_disk import MiB, write_fake_qcow2
 
 WANTS_A_VM = '''
 def test_vm(flightvm):
@@ -86,7 +86,7 @@ def check_cli(args: Sequence[str], fix: Sequence[str], env: dict[str, str] | Non
 
 @pytest.fixture
 def small_qcow2(tmp_path: Path) -> Path:
-    return fake_qcow2(tmp_path / "small.qcow2", 1, seed=SEED + 6)
+    return write_fake_qcow2(tmp_path / "small.qcow2", MiB, seed=SEED + 6)
 
 
 # -- malformed YAML user-data -----------------------------------------------------------------

@@ -32,13 +32,9 @@ from pytest_flightvm.cache.registry import (
 )
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.errors import ArtifactNotFound, IntegrityError
-from tests.fake_disk import qcow2_bytes, write_fake_qcow2
+from tests.fake_disk import QCOW2_MAGIC, MiB, qcow2_bytes, random_qcow2
 
 KEY = "c0ffee" * 10 + "abcd"
-
-
-def fake_qcow2(path: Path, mib: int = 4) -> Path:
-    return write_fake_qcow2(path, mib << 20, os.urandom(16))
 
 
 def sha(data: bytes) -> str:
@@ -48,7 +44,7 @@ def sha(data: bytes) -> str:
 @pytest.mark.parametrize("compress", ["none", "zstd"])
 def test_push_then_pull_is_byte_identical(registry_repo: str, tmp_path: Path, compress: str,
                                           capfd: pytest.CaptureFixture[str]) -> None:
-    disk = fake_qcow2(tmp_path / "disk.qcow2")
+    disk = random_qcow2(tmp_path / "disk.qcow2", 4 * MiB)
     reg = FlightRegistry(registry_repo)
     pushed = reg.push_disk(disk, ["base-qcow2-abc-amd64", "base-qcow2-latest"], arch="amd64",
                            key=KEY, git_commit="1234abcd", compress=compress)
@@ -82,7 +78,7 @@ def test_push_then_pull_is_byte_identical(registry_repo: str, tmp_path: Path, co
 
 
 def test_push_again_skips_the_existing_blob(registry_repo: str, tmp_path: Path) -> None:
-    disk = fake_qcow2(tmp_path / "disk.qcow2")
+    disk = random_qcow2(tmp_path / "disk.qcow2", 4 * MiB)
     reg = FlightRegistry(registry_repo)
     assert reg.push_disk(disk, ["a"], arch="amd64").bytes == disk.stat().st_size
     assert reg.push_disk(disk, ["b"], arch="amd64").bytes == 0
@@ -90,7 +86,7 @@ def test_push_again_skips_the_existing_blob(registry_repo: str, tmp_path: Path) 
 
 
 def test_pull_for_another_arch_or_key_is_refused(registry_repo: str, tmp_path: Path) -> None:
-    disk = fake_qcow2(tmp_path / "disk.qcow2", 1)
+    disk = random_qcow2(tmp_path / "disk.qcow2", MiB)
     reg = FlightRegistry(registry_repo)
     reg.push_disk(disk, ["base-qcow2-latest"], arch="amd64", key=KEY)
     store = Store(tmp_path / "store")
@@ -109,7 +105,7 @@ def test_missing_tag_and_repo(registry_repo: str, tmp_path: Path) -> None:
 
 
 def test_pull_by_manifest_digest(registry_repo: str, tmp_path: Path) -> None:
-    disk = fake_qcow2(tmp_path / "disk.qcow2", 1)
+    disk = random_qcow2(tmp_path / "disk.qcow2", MiB)
     reg = FlightRegistry(registry_repo)
     pushed = reg.push_disk(disk, ["t"], arch="amd64")
     pulled = reg.pull_disk(pushed.manifest_digest, Store(tmp_path / "s"), arch="amd64")
@@ -211,7 +207,7 @@ def test_pull_seed_container_layout(registry_repo: str, tmp_path: Path, docker: 
 
 def test_seed_layout_for_another_arch(registry_repo: str, tmp_path: Path) -> None:
     reg = FlightRegistry(registry_repo)
-    push_container_image(reg, "t", b"QFI\xfb1234", docker=False, arch="arm64")
+    push_container_image(reg, "t", QCOW2_MAGIC + b"1234", docker=False, arch="arm64")
     with pytest.raises(ArtifactNotFound, match="arm64"):
         reg.pull_disk("t", Store(tmp_path / "s"), arch="amd64")
 
@@ -242,7 +238,7 @@ def test_push_memory_stays_flat(registry_repo: str, tmp_path: Path) -> None:
     The peak is the child's own VmHWM, reset after start-up (clear_refs 5): ru_maxrss
     keeps the RSS the process had before exec, and a child vforked by a big xdist
     worker starts with the worker's (139 MiB seen late in a full run)."""
-    disk = fake_qcow2(tmp_path / "big.qcow2", 256)
+    disk = random_qcow2(tmp_path / "big.qcow2", 256 * MiB)
     script = textwrap.dedent(f"""
         from pathlib import Path
         from pytest_flightvm.cache.registry import FlightRegistry
@@ -268,7 +264,7 @@ def test_push_memory_stays_flat(registry_repo: str, tmp_path: Path) -> None:
 
 def test_push_of_a_blob_that_does_not_match_its_digest(registry_repo: str,
                                                        tmp_path: Path) -> None:
-    disk = fake_qcow2(tmp_path / "disk.qcow2", 1)
+    disk = random_qcow2(tmp_path / "disk.qcow2", MiB)
     reg = FlightRegistry(registry_repo)
     with pytest.raises(IntegrityError, match="does not match"):
         reg.push_disk(disk, ["t"], arch="amd64", digest=sha(b"what the store thought"))
@@ -277,7 +273,7 @@ def test_push_of_a_blob_that_does_not_match_its_digest(registry_repo: str,
 
 def test_pull_of_content_already_stored_moves_nothing(registry_repo: str,
                                                       tmp_path: Path) -> None:
-    disk = fake_qcow2(tmp_path / "disk.qcow2", 1)
+    disk = random_qcow2(tmp_path / "disk.qcow2", MiB)
     reg = FlightRegistry(registry_repo)
     reg.push_disk(disk, ["a"], arch="amd64")
     reg.push_disk(disk, ["z"], arch="amd64", compress="zstd")

@@ -23,7 +23,7 @@ from pytest_flightvm.cache.registry import FlightRegistry
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.config import Settings
 from pytest_flightvm.errors import ArtifactNotFound, RegistryUnavailable
-from tests.fake_disk import qcow2_bytes
+from tests.fake_disk import QCOW2_MAGIC, qcow2_bytes
 
 
 def quiet(_msg: str) -> None:
@@ -302,7 +302,7 @@ def stalls_mid_blob(tmp_path: Path) -> Iterator[dict[str, str]]:
             self.send_response(200)
             self.send_header("Content-Length", str(8 << 20))
             self.end_headers()
-            self.wfile.write(b"QFI\xfb" + b"\0" * (64 << 10))
+            self.wfile.write(QCOW2_MAGIC + b"\0" * (64 << 10))
             self.wfile.flush()
             release.wait(30)
 

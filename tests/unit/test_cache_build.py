@@ -9,6 +9,7 @@ import pytest
 from pytest_flightvm.cache import build
 from pytest_flightvm.cache.build import Builder, CommandBuilder, check_qcow2
 from pytest_flightvm.errors import BuildError, ConfigError, FlightVMError
+from tests.fake_disk import QCOW2_MAGIC
 
 WRITE_QCOW2 = "printf 'QFI\\373rest' > \"$FLIGHTVM_OUTPUT\""
 
@@ -19,7 +20,7 @@ def test_command_builder_writes_the_output(tmp_path: Path) -> None:
     assert isinstance(b, Builder)
     assert b.identity == "cmd:" + WRITE_QCOW2
     b.build(out, log=print)
-    assert out.read_bytes() == b"QFI\xfbrest"
+    assert out.read_bytes() == QCOW2_MAGIC + b"rest"
 
 
 def test_command_builder_env(tmp_path: Path) -> None:
@@ -65,7 +66,7 @@ def test_long_builds_log_progress(tmp_path: Path) -> None:
 
 def test_check_qcow2(tmp_path: Path) -> None:
     good = tmp_path / "g"
-    good.write_bytes(b"QFI\xfb")
+    good.write_bytes(QCOW2_MAGIC)
     check_qcow2(good)
     bad = tmp_path / "b"
     bad.write_bytes(b"\x00" * 10)

@@ -15,7 +15,7 @@ from pytest_flightvm.cache import resolve_image
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.config import Settings
 from pytest_flightvm.errors import BuildError, ConfigError
-from tests.fake_disk import qcow2_with, write_fake_qcow2
+from tests.fake_disk import QCOW2_MAGIC, qcow2_with, write_fake_qcow2
 
 
 def build_cmd(counter: Path, size_kib: int = 256) -> str:
@@ -49,7 +49,7 @@ def test_build_then_local_hit(settings: Settings, tmp_path: Path) -> None:
     assert first.source == "build" and second.source == "local"
     assert builds(tmp_path) == 1
     assert first.path == second.path == settings.store_dir / "blobs" / "sha256" / first.digest[7:]
-    assert first.path.read_bytes()[:4] == b"QFI\xfb"
+    assert first.path.read_bytes()[:4] == QCOW2_MAGIC
     assert oct(first.path.stat().st_mode & 0o777) == "0o444"
     assert first.key == second.key and len(first.key) == 64
     assert first.tags[0] == f"base-qcow2-{first.key[:12]}-amd64"
@@ -77,7 +77,7 @@ def test_damaged_local_blob_is_replaced(settings: Settings, tmp_path: Path) -> N
     second = resolve_image(settings, log=msgs.append)
     assert second.source == "build" and builds(tmp_path) == 2
     assert any("damaged" in m for m in msgs)
-    assert second.path.read_bytes()[:4] == b"QFI\xfb"
+    assert second.path.read_bytes()[:4] == QCOW2_MAGIC
 
 
 def test_offline_never_contacts_the_registry(settings: Settings, tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_builder_object_and_key_kwarg(settings: Settings, tmp_path: Path) -> Non
 
         def build(self, output: Path, *, log, key: str) -> None:
             seen["key"] = key
-            output.write_bytes(b"QFI\xfb" + b"\0" * 512)
+            write_fake_qcow2(output, 4096)
 
     image = resolve_image(settings, MyBuilder(), log=lambda m: None)
     assert image.source == "build" and seen["key"] == image.key
@@ -120,7 +120,7 @@ def test_builder_without_key_kwarg_sees_flightvm_key(settings: Settings) -> None
 
         def build(self, output: Path, *, log) -> None:
             seen["key"] = os.environ["FLIGHTVM_KEY"]
-            output.write_bytes(b"QFI\xfb" + b"\0" * 512)
+            write_fake_qcow2(output, 4096)
 
     image = resolve_image(settings, EnvBuilder(), log=lambda m: None)
     assert seen["key"] == image.key and "FLIGHTVM_KEY" not in os.environ

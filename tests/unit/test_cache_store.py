@@ -17,11 +17,7 @@ import pytest
 from pytest_flightvm.cache import store as store_mod
 from pytest_flightvm.cache.store import Store
 from pytest_flightvm.errors import CacheError, IntegrityError
-
-
-def fake_qcow2(path: Path, size: int = 1 << 20) -> Path:
-    path.write_bytes(b"QFI\xfb" + os.urandom(size - 4))
-    return path
+from tests.fake_disk import QCOW2_MAGIC, MiB, qcow2_bytes, random_qcow2
 
 
 def sha(data: bytes) -> str:
@@ -34,7 +30,7 @@ def store(tmp_path: Path) -> Store:
 
 
 def test_import_copies_verifies_and_makes_read_only(store: Store, tmp_path: Path) -> None:
-    src = fake_qcow2(tmp_path / "disk.qcow2")
+    src = random_qcow2(tmp_path / "disk.qcow2")
     digest = store.import_file(src)
     assert digest == sha(src.read_bytes())
     blob = store.blob_path(digest)
@@ -47,7 +43,7 @@ def test_import_copies_verifies_and_makes_read_only(store: Store, tmp_path: Path
 
 
 def test_import_move_renames_into_the_store(store: Store) -> None:
-    src = fake_qcow2(store.tmp_path(".qcow2"))
+    src = random_qcow2(store.tmp_path(".qcow2"))
     data = src.read_bytes()
     digest = store.import_file(src, move=True)
     assert not src.exists()
@@ -55,7 +51,7 @@ def test_import_move_renames_into_the_store(store: Store) -> None:
 
 
 def test_import_twice_is_idempotent(store: Store, tmp_path: Path) -> None:
-    src = fake_qcow2(tmp_path / "disk.qcow2")
+    src = random_qcow2(tmp_path / "disk.qcow2")
     d1 = store.import_file(src)
     ino = store.blob_path(d1).stat().st_ino
     assert store.import_file(src) == d1
@@ -78,14 +74,14 @@ def test_writer_rejects_a_digest_mismatch(store: Store) -> None:
     wrong = sha(b"something else")
     with pytest.raises(IntegrityError, match="does not match its digest"):
         with store.writer(expected=wrong) as w:
-            w.write(b"QFI\xfb payload")
+            w.write(QCOW2_MAGIC + b" payload")
     assert not store.blob_path(wrong).exists()
-    assert not store.blob_path(sha(b"QFI\xfb payload")).exists()
+    assert not store.blob_path(sha(QCOW2_MAGIC + b" payload")).exists()
     assert list((store.root / "tmp").iterdir()) == []
 
 
 def test_writer_rejects_a_short_body(store: Store) -> None:
-    data = b"QFI\xfb" + b"x" * 100
+    data = QCOW2_MAGIC + b"x" * 100
     with pytest.raises(IntegrityError, match="size mismatch"):
         with store.writer(size=len(data) + 1) as w:
             w.write(data)
@@ -95,14 +91,14 @@ def test_writer_rejects_a_short_body(store: Store) -> None:
 def test_writer_aborts_on_an_exception(store: Store) -> None:
     with pytest.raises(RuntimeError):
         with store.writer() as w:
-            w.write(b"QFI\xfb half")
+            w.write(QCOW2_MAGIC + b" half")
             raise RuntimeError("connection dropped")
     assert list((store.root / "blobs" / "sha256").iterdir()) == []
     assert list((store.root / "tmp").iterdir()) == []
 
 
 def test_local_hit_does_not_rehash(store: Store, tmp_path: Path, monkeypatch) -> None:
-    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+    digest = store.import_file(random_qcow2(tmp_path / "d.qcow2"))
 
     def boom(path: Path) -> str:
         raise AssertionError("rehashed on a fast hit")
@@ -113,7 +109,7 @@ def test_local_hit_does_not_rehash(store: Store, tmp_path: Path, monkeypatch) ->
 
 def test_touched_but_intact_blob_is_rehashed_once_and_kept(store: Store, tmp_path: Path,
                                                          monkeypatch) -> None:
-    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+    digest = store.import_file(random_qcow2(tmp_path / "d.qcow2"))
     os.utime(store.blob_path(digest), (1, 1))
     calls = []
     real = store_mod._hash_file
@@ -123,7 +119,7 @@ def test_touched_but_intact_blob_is_rehashed_once_and_kept(store: Store, tmp_pat
 
 
 def test_missing_fingerprint_means_a_full_check(store: Store, tmp_path: Path) -> None:
-    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+    digest = store.import_file(random_qcow2(tmp_path / "d.qcow2"))
     store._meta_path(digest).unlink()
     assert store.has(digest)
     assert store._meta_path(digest).exists()
@@ -132,7 +128,7 @@ def test_missing_fingerprint_means_a_full_check(store: Store, tmp_path: Path) ->
 @pytest.mark.parametrize("damage", ["truncate", "flip-keep-mtime", "append"])
 def test_corruption_is_detected_and_the_blob_removed(store: Store, tmp_path: Path,
                                                      damage: str) -> None:
-    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+    digest = store.import_file(random_qcow2(tmp_path / "d.qcow2"))
     blob = store.blob_path(digest)
     st = blob.stat()
     os.chmod(blob, 0o644)  # the blob is 0444: only root could damage it without this
@@ -156,7 +152,7 @@ def test_corruption_is_detected_and_the_blob_removed(store: Store, tmp_path: Pat
 
 def test_full_verify_catches_what_the_fingerprint_cannot(store: Store, tmp_path: Path,
                                                          monkeypatch) -> None:
-    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+    digest = store.import_file(random_qcow2(tmp_path / "d.qcow2"))
     monkeypatch.setattr(store_mod, "_hash_file", lambda p: "0" * 64)
     assert store.has(digest)  # fingerprint unchanged: trusted
     assert not store.verify(digest, full=True)
@@ -172,7 +168,7 @@ def _set_meta(store: Store, digest: str, **fields: object) -> None:
 
 def test_a_blob_from_an_earlier_boot_is_rehashed_once(store: Store, tmp_path: Path,
                                                       monkeypatch) -> None:
-    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+    digest = store.import_file(random_qcow2(tmp_path / "d.qcow2"))
     assert store._read_meta(digest)["boot_id"] == store_mod.boot_id() is not None
     _set_meta(store, digest, boot_id="an-earlier-boot")
     calls = []
@@ -187,7 +183,7 @@ def test_what_a_crash_kept_from_disk_is_not_served_after_the_reboot(store: Store
                                                                     tmp_path: Path) -> None:
     """Blobs are not fsynced: a power loss can leave the name and size on disk but zeros
     where the data was. The stat fingerprint then still matches; the boot id does not."""
-    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2", size=3 << 20))
+    digest = store.import_file(random_qcow2(tmp_path / "d.qcow2", 3 * MiB))
     blob = store.blob_path(digest)
     os.chmod(blob, 0o644)
     with open(blob, "r+b") as f:
@@ -207,7 +203,7 @@ def test_without_a_boot_id_blobs_are_fsynced_and_then_trusted(store: Store, tmp_
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(store_mod.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
-    data = b"QFI\xfb" + os.urandom(1 << 20)
+    data = qcow2_bytes(os.urandom(MiB))
     with store.writer(expected=sha(data)) as w:
         w.write(data)
     assert len(synced) == 2  # the blob, then its directory
@@ -250,7 +246,7 @@ def test_a_write_error_in_the_writer_thread_is_one_store_error(tmp_path: Path) -
 
 
 def test_refs(store: Store, tmp_path: Path) -> None:
-    digest = store.import_file(fake_qcow2(tmp_path / "d.qcow2"))
+    digest = store.import_file(random_qcow2(tmp_path / "d.qcow2"))
     store.set_ref("key/" + "a" * 64, digest, source="build", run="r1")
     store.set_ref("tag/base-qcow2-latest", digest)
     assert store.get_ref("key/" + "a" * 64) == digest

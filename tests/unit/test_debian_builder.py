@@ -15,6 +15,7 @@ from pytest_flightvm.builders import debian
 from pytest_flightvm.builders.debian import DebianBuilder
 from pytest_flightvm.cache.build import Builder
 from pytest_flightvm.errors import BuildError, ConfigError, ToolMissingError
+from tests.fake_disk import QCOW2_MAGIC
 
 
 def _exe(path: Path, body: str = "#!/bin/sh\nexit 0\n") -> Path:
@@ -231,7 +232,7 @@ def test_success_streams_and_passes_output(tmp_path: Path, fake_host: Path) -> N
     out = tmp_path / "out.qcow2"
     lines: list[str] = []
     DebianBuilder(script).build(out, log=lines.append)
-    assert out.read_bytes() == b"QFI\xfb"
+    assert out.read_bytes() == QCOW2_MAGIC
     assert lines == ["build: working"]
 
 
@@ -347,7 +348,7 @@ def test_main_builds_the_variant_and_prints_the_path(
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out)
     assert "build: variant login" in captured.err
-    assert out.read_bytes() == b"QFI\xfb"
+    assert out.read_bytes() == QCOW2_MAGIC
 
 
 def test_main_reports_errors_as_one_line(

@@ -12,17 +12,16 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from pytest_flightvm.config import Settings
 from pytest_flightvm.errors import FlightVMError
 from pytest_flightvm.vm.domain import DomainSpec, Owner, parse_metadata
-from pytest_flightvm.vm.factory import RunContext, VMFactory, VMRequest
+from pytest_flightvm.vm.factory import VMRequest
 from pytest_flightvm.vm.pristine import Pristine
 from pytest_flightvm.vm.savefile import HEADER, MAGIC, read_header, retarget_xml, write_retargeted
 from pytest_flightvm.vm.statecache import StateCache, state_key
+from tests.support import offline_factory
 
 STREAM = b"QEVM" + os.urandom(300_000)
 COOKIE = b"<cookie>\n  <slirpHelper/>\n</cookie>\n\0"
@@ -115,25 +114,8 @@ def test_an_xml_too_big_for_the_region_leaves_no_copy(tmp_path: Path) -> None:
     assert not (tmp_path / "copy.state").exists()
 
 
-class _Conn:
-    def getVersion(self) -> int:  # noqa: N802 - libvirt's name
-        return 7002000
-
-    def getLibVersion(self) -> int:  # noqa: N802
-        return 9000000
-
-
-def _factory(tmp_path: Path, **settings: Any) -> VMFactory:
-    s = Settings(cache_dir=tmp_path / "cache", accel="tcg", **settings)
-    run = RunContext("261203000000-aaaa", tmp_path / "run", "gw0")
-    run.run_dir.mkdir(mode=0o700, parents=True)
-    factory = VMFactory(s, tmp_path / "base.qcow2", run, base_digest="sha256:" + "1" * 64)
-    factory._conn = _Conn()  # noqa: SLF001 - no libvirt in the unit tier
-    return factory
-
-
 def test_state_key_covers_user_data_not_identity(tmp_path: Path) -> None:
-    factory = _factory(tmp_path)
+    factory = offline_factory(tmp_path)
     req = VMRequest(user_data=({"write_files": [{"path": "/etc/x", "content": "1"}]},))
     first = state_key(factory.state_parts(req))
     assert state_key(factory.state_parts(req)) == first  # per-VM identity is not in it
@@ -142,9 +124,9 @@ def test_state_key_covers_user_data_not_identity(tmp_path: Path) -> None:
     assert state_key(factory.state_parts(VMRequest(memory=2048, user_data=req.user_data))) != first
     assert state_key(factory.state_parts(req, ("hook=abc",))) != first
     assert state_key(factory.state_parts(req, accel="kvm")) != first
-    assert state_key(_factory(tmp_path / "t", tpm=True).state_parts(req)) != first
+    assert state_key(offline_factory(tmp_path / "t", tpm=True).state_parts(req)) != first
     # a run with another SSH key has the same key
-    assert state_key(_factory(tmp_path / "k").state_parts(req)) == first
+    assert state_key(offline_factory(tmp_path / "k").state_parts(req)) == first
 
 
 def _pristine(tmp_path: Path, tag: str) -> Pristine:
@@ -239,13 +221,13 @@ def test_no_state_cache_for_tpm_vms(tmp_path: Path) -> None:
     from pytest_flightvm.vm.pool import VMPool
 
     notices: list[str] = []
-    factory = _factory(tmp_path, tpm=True)
+    factory = offline_factory(tmp_path, tpm=True)
     pool = VMPool(factory, notice=notices.append,
                   states=StateCache(tmp_path / "cache" / "states", notice=notices.append))
     assert pool._state_key(VMRequest(), "snapshot") is None  # noqa: SLF001
     assert pool._state_key(VMRequest(), "restore") is None  # noqa: SLF001
     assert len(notices) == 1 and "TPM" in notices[0]
-    plain = VMPool(_factory(tmp_path / "p"), notice=notices.append,
+    plain = VMPool(offline_factory(tmp_path / "p"), notice=notices.append,
                    states=StateCache(tmp_path / "p" / "cache" / "states", notice=notices.append))
     assert plain._state_key(VMRequest(), "snapshot") is not None  # noqa: SLF001
     assert plain._state_key(VMRequest(), "reboot") is None  # noqa: SLF001

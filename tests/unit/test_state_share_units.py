@@ -35,6 +35,8 @@ from pytest_flightvm.vm.stateshare import (
     rebuild_save_file,
     state_tag,
 )
+from tests.fake_disk import QCOW2_MAGIC
+from tests.support import offline_factory
 
 KEY = "cd" * 32
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOv2a5bPq3ExampleExampleExampleExample0"
@@ -52,7 +54,7 @@ def test_metadata_round_trip_and_whitelist(tmp_path: Path) -> None:
     d = tmp_path / "vm"
     d.mkdir()
     for name in ("pristine.state", "pristine.qcow2"):
-        (d / name).write_bytes(b"QFI\xfb" + name.encode())
+        (d / name).write_bytes(QCOW2_MAGIC + name.encode())
     secret_meta = {**META, "key_path": str(tmp_path / "ssh" / "id_ed25519"),
                    "private": "-----BEGIN OPENSSH PRIVATE KEY-----"}
     assert cache.publish(KEY, Pristine(d / "pristine.state", d / "pristine.qcow2", None),
@@ -242,26 +244,6 @@ def test_option_and_when_a_share_exists(tmp_path: Path) -> None:
     assert pushing is not None and pushing.push_enabled
 
 
-class _Conn:
-    def getVersion(self) -> int:  # noqa: N802 - libvirt's name
-        return 7002000
-
-    def getLibVersion(self) -> int:  # noqa: N802
-        return 9000000
-
-
-def _factory(tmp_path: Path, **settings: Any) -> Any:
-    from pytest_flightvm.config import Settings
-    from pytest_flightvm.vm.factory import RunContext, VMFactory
-
-    s = Settings(cache_dir=tmp_path / "cache", accel="tcg", **settings)
-    run = RunContext("261203000000-aaaa", tmp_path / "run", "gw0")
-    run.run_dir.mkdir(mode=0o700, parents=True)
-    factory = VMFactory(s, tmp_path / "base.qcow2", run, base_digest="sha256:" + "1" * 64)
-    factory._conn = _Conn()  # noqa: SLF001 - no libvirt in the unit tier
-    return factory
-
-
 def test_pool_pulls_on_a_local_miss_with_our_own_xml(tmp_path: Path) -> None:
     """The pool's wiring (the share here is a stub: the real pull is covered against the
     real registry in tests/integration and tests/faults): a local miss asks the share,
@@ -277,7 +259,7 @@ def test_pool_pulls_on_a_local_miss_with_our_own_xml(tmp_path: Path) -> None:
             calls.append((key, vet))
 
     states = StateCache(tmp_path / "cache" / "states", notice=print, share=Share())  # type: ignore[arg-type]
-    factory = _factory(tmp_path, memory=1536, vcpus=1)
+    factory = offline_factory(tmp_path, memory=1536, vcpus=1)
     pool = VMPool(factory, notice=print, states=states)
     assert pool._restore_saved(VMRequest(), KEY) is None  # noqa: SLF001
     ((key, vet),) = calls
@@ -287,7 +269,7 @@ def test_pool_pulls_on_a_local_miss_with_our_own_xml(tmp_path: Path) -> None:
     assert root.findtext("memory") == "1536" and root.findtext("vcpu") == "1"
     assert root.findtext("devices/emulator") == "/usr/bin/qemu-system-x86_64"
     assert f"mac={META['mac']}," in ET.tostring(root, encoding="unicode")
-    uefi = _factory(tmp_path / "u", firmware="uefi").state_vetting(VMRequest())
+    uefi = offline_factory(tmp_path / "u", firmware="uefi").state_vetting(VMRequest())
     assert uefi.nvram_size == uefi_vars_size()
 
 
@@ -315,7 +297,7 @@ def test_background_push_prints_when_the_session_waits(tmp_path: Path) -> None:
     d = tmp_path / "vm"
     d.mkdir()
     for name in ("pristine.state", "pristine.qcow2"):
-        (d / name).write_bytes(b"QFI\xfb" + name.encode())
+        (d / name).write_bytes(QCOW2_MAGIC + name.encode())
     cache.publish(KEY, Pristine(d / "pristine.state", d / "pristine.qcow2", None), META)
     share.push_soon(cache, KEY)
     assert notices == []
