@@ -77,6 +77,11 @@ prune_registry() {
   if [ -d "$repos/flightvm-bench" ]; then
     find "$repos/flightvm-bench" -mindepth 1 -maxdepth 1 ! -name base ! -name podman-seed \
       -exec rm -rf {} +
+    # booted states (tags <prefix>-state-<key>, ~290 MiB each) pushed next to the bench's
+    # base copy: a bench or test run's throwaways, keyed by QEMU version and seed; the base's
+    # own tags stay. Untagged, their manifests and blobs go in the GC below.
+    find "$repos/flightvm-bench/base/_manifests/tags" -mindepth 1 -maxdepth 1 -name '*-state-*' \
+      -exec rm -rf {} + 2>/dev/null || true
   fi
   if /usr/bin/docker-registry garbage-collect --delete-untagged "$REGISTRY_DIR/config.yml" \
       >"$REGISTRY_DIR/gc.log" 2>&1; then

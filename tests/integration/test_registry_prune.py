@@ -1,5 +1,6 @@
 """The host setup prunes its registry: throwaway repositories of test, fault, bench and
-demo runs go, their blobs are garbage-collected, the project's base stays pullable.
+demo runs go, and booted states next to the bench's base copy; their blobs are
+garbage-collected, the project's base and the bench's copy stay pullable.
 
 Runs scripts/host-setup.sh for real, pointed at a registry of its own (a free loopback
 port and a temp data dir), so the shared registry of the other tests is never stopped.
@@ -63,6 +64,11 @@ def catalog(addr: str) -> list[str]:
         return list(json.load(resp)["repositories"])
 
 
+def tags(addr: str, repo: str) -> list[str]:
+    with urllib.request.urlopen(f"http://{addr}/v2/{repo}/tags/list", timeout=5) as resp:
+        return list(json.load(resp)["tags"] or [])
+
+
 def test_restart_drops_throwaway_pushes_and_keeps_the_base(
         setup_registry: tuple[str, Path], tmp_path: Path) -> None:
     addr, data = setup_registry
@@ -77,13 +83,21 @@ def test_restart_drops_throwaway_pushes_and_keeps_the_base(
     for repo, path in {**kept, **dropped}.items():
         FlightRegistry(f"{addr}/{repo}").push_disk(path, ["t"], arch="amd64")
         digests[repo] = hashlib.sha256(path.read_bytes()).hexdigest()  # the layer's digest
+    # a booted state pushed next to the bench's base copy (tag <prefix>-state-<key>)
+    state = disk(tmp_path / "state.qcow2", b"state")
+    FlightRegistry(f"{addr}/flightvm-bench/base").push_disk(
+        state, ["base-qcow2-state-" + "5f" * 20], arch="amd64")
+    digests["bench state"] = hashlib.sha256(state.read_bytes()).hexdigest()
     assert set(digests.values()) <= blob_dirs(data)
+    assert sorted(tags(addr, "flightvm-bench/base")) == ["base-qcow2-state-" + "5f" * 20, "t"]
 
     out = host_setup(addr, data, prune=True)
     assert "stopped pid" in out and "pruned test/bench/demo pushes" in out, out
     assert sorted(catalog(addr)) == sorted(kept)  # host-setup waited until it answers
     left = blob_dirs(data)
     assert not {digests[r] for r in dropped} & left, "a throwaway push's blob survived the GC"
+    assert digests["bench state"] not in left, "the bench's state blob survived the GC"
+    assert tags(addr, "flightvm-bench/base") == ["t"]  # the base's own tag stays
     for repo, path in kept.items():
         res = FlightRegistry(f"{addr}/{repo}").pull_disk("t", Store(tmp_path / repo), arch="amd64")
         assert Store(tmp_path / repo).blob_path(res.digest).read_bytes() == path.read_bytes()
