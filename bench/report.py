@@ -148,6 +148,22 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         "- **P7** `flightvm cache get --force` with an empty cache dir and "
         "`FLIGHTVM_OFFLINE=1`: the built-in Debian builder end to end (mmdebstrap from the "
         "Debian mirror, GRUB, `qemu-img convert`, import into the store).",
+        "- **P8** a one-test suite whose user-data is unique to the bench run (so its state "
+        "key is new) run as a pytest process in the bench's cache dir: the first run boots "
+        "and publishes the booted state, the next ones restore it; request → ready "
+        "(`ready_seconds`) and booted/restored (`start`) from the metrics JSON.",
+        "- **P9** the same kind of suite with `--flightvm-state-cache registry`: one run boots "
+        "and pushes its state to a repository of this bench run (next to a copy of the base), "
+        "then runs with an empty cache dir pull base and state and restore; request → ready "
+        "against the run's own state-pull seconds + 5 s.",
+        "- **P10** the project's `examples/` suite as `pytest examples -n 2`, a whole "
+        "process each (wall time), on the bench's base: `--flightvm-state-cache off` (a cold "
+        "boot per worker, the behaviour before the state cache), `on` over an emptied states "
+        "dir (cold: both workers boot, one state is saved and published) and `on` over what "
+        "that cold run published (warm: both workers restore). Each run's booted/restored "
+        "counts come from its metrics JSON; a run that did not start its VMs that way fails "
+        "the figure. One run per variant (`--vm-reps` for more: the off run rotates around "
+        "cold, and warm follows its cold run).",
         "- **Z** the base pushed with `compress=none` and `compress=zstd` to fresh repositories "
         "and pulled back into an empty store (digest checked), alternating.",
         "",

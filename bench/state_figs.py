@@ -1,4 +1,4 @@
-"""P8 and P9: request -> ready from a warm booted state vs a cold boot; from a state pulled from the registry.
+"""P8, P9 and P10: the booted-state cache priced (warm restore, registry pull, examples/ suite).
 
 One suite (one test that asks for ``flightvm``) in the bench's warm cache dir, with a
 user-data unique to this bench run, so its state key is new: the first run boots and
@@ -9,6 +9,11 @@ P9: the same kind of suite with ``--flightvm-state-cache registry``: one run boo
 pushes its state to the bench's registry copy (next to the base), then runs with an
 **empty** cache dir pull the base and the state and restore it; their request -> ready
 is set against the state's pull time (the run's own "pulled the booted state" line) + 5 s.
+
+P10: the project's ``examples/`` suite under ``-n 2`` as a whole process, with the state
+cache off (a cold boot per worker), on over an empty states dir (cold: boots, saves and
+publishes) and on over what that cold run published (warm: restores); wall times set
+against the off run's (targets: warm ≤0.4×, cold ≤1.1×).
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ import json
 import re
 import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 from pytest_flightvm.cache.resolve import push_file
 
 from .cache_figs import _settings
-from .common import Ctx, log, run_child, stat
+from .common import REPO_ROOT, Ctx, log, run_child, stat
 from .figure import Bar, Figure, verdict
 
 SUITE = """
@@ -37,6 +43,16 @@ def flightvm_user_data():
 def test_ready(flightvm):
     assert flightvm.run("cat /etc/flightvm-bench-p8").stdout.strip() == "RUN"
 """
+
+
+def _suite(ctx: Ctx, name: str, marker: str) -> Path:
+    """A scratch dir holding the one-test :data:`SUITE`, its user-data (so its state key)
+    made unique by ``marker``."""
+    suite = ctx.scratch(name)
+    suite.chmod(0o755)
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    (suite / f"test_{name}.py").write_text(SUITE.replace("RUN", marker))
+    return suite
 
 
 def _one(ctx: Ctx, suite: Any, i: int, *extra: str, mode: str = "on",
@@ -64,10 +80,7 @@ def _one(ctx: Ctx, suite: Any, i: int, *extra: str, mode: str = "on",
 def p8_state(ctx: Ctx) -> Figure:
     fig = Figure("P8", "request → ready VM: warm booted state vs cold boot (TCG)",
                  target="≤5 s, and ≥8× faster than the cold boot of the same run")
-    suite = ctx.scratch("p8")
-    suite.chmod(0o755)
-    (suite / "pytest.ini").write_text("[pytest]\n")
-    (suite / "test_p8.py").write_text(SUITE.replace("RUN", f"bench-{ctx.run_id}"))
+    suite = _suite(ctx, "p8", f"bench-{ctx.run_id}")
     try:
         ctx.sample_load()
         log("P8: cold run (boot, then the state is published)")
@@ -101,10 +114,7 @@ def p8_state(ctx: Ctx) -> Figure:
 def p9_state_registry(ctx: Ctx) -> Figure:
     fig = Figure("P9", "request → ready VM: empty local store, base and state in the registry",
                  target="≤ state pull time + 5 s")
-    suite = ctx.scratch("p9")
-    suite.chmod(0o755)
-    (suite / "pytest.ini").write_text("[pytest]\n")
-    (suite / "test_p9.py").write_text(SUITE.replace("RUN", f"bench-p9-{ctx.run_id}"))
+    suite = _suite(ctx, "p9", f"bench-p9-{ctx.run_id}")
     # a repository of this bench run (the host setup prunes it; a state is ~290 MiB), with
     # the bench's base copied in, so an empty store pulls both from it
     repo = ctx.bench_repo("p9")
@@ -150,4 +160,79 @@ def p9_state_registry(ctx: Ctx) -> Figure:
     fig.data = {"cold": cold, "pulled": pulled, "ready_s": r.as_dict(), "pull_s": pull.as_dict()}
     fig.bars = [Bar("restored from a pulled state", r), Bar("state pull", pull, True),
                 Bar("cold boot", stat([cold["ready_s"]]), True)]
+    return fig
+
+
+def _examples_run(ctx: Ctx, tag: str, mode: str) -> dict[str, Any]:
+    """One whole ``pytest examples -n 2`` process on the bench's base; its wall time and,
+    from its metrics JSON, how each VM started (booted or restored) and how long that took."""
+    metrics = ctx.work / f"p10-{tag}.json"
+    res = run_child([sys.executable, "-m", "pytest", "examples", "-n", "2", "-q",
+                     "-p", "no:cacheprovider", *ctx.plugin_args(),
+                     f"--flightvm-state-cache={mode}", f"--flightvm-metrics={metrics}"],
+                    cwd=REPO_ROOT, check=False, timeout=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"P10 {tag} run failed ({res.returncode}):\n{res.stdout[-2000:]}")
+    vms = json.loads(metrics.read_text())["vms"]
+    metrics.unlink()
+    return {"wall_s": res.seconds, "starts": [vm["start"] for vm in vms],
+            "ready_s": [vm["ready_seconds"] for vm in vms],
+            "pristine_s": [vm.get("pristine_seconds") for vm in vms]}
+
+
+def _expect(tag: str, run: dict[str, Any], start: str) -> None:
+    """A variant that did not start its VMs as it must would give a fake figure: raise."""
+    if not run["starts"] or any(s != start for s in run["starts"]):
+        raise RuntimeError(f"P10: the {tag} run's VMs started {run['starts']}, expected all "
+                           f"{start!r}")
+
+
+def p10_examples(ctx: Ctx) -> Figure:
+    """examples/ under ``-n 2`` as a whole process: state cache off, on with an empty
+    states dir (cold: boots, saves, publishes), and on with what the cold run published."""
+    fig = Figure("P10", "`pytest examples -n 2` wall time: warm state vs state cache off; "
+                 "cold state cache vs off", target="warm ≤0.4× off; cold ≤1.1× off")
+    states = ctx.cache_dir / "states"
+    # A VM boot costs 1-3 min here: one rep per variant unless asked for more. Per rep, off
+    # takes its turn before, between or after the cold run (rotating), and warm follows the
+    # cold run whose states it restores.
+    orders = [("off", "cold", "warm"), ("cold", "off", "warm"), ("cold", "warm", "off")]
+    runs: dict[str, list[dict[str, Any]]] = {"off": [], "cold": [], "warm": []}
+    for rep in range(ctx.vm_reps):
+        for tag in orders[rep % len(orders)]:
+            if tag == "cold":  # an empty states dir: nothing an earlier run saved is found
+                shutil.rmtree(states, ignore_errors=True)
+            ctx.sample_load()
+            log(f"P10: rep {rep + 1}, state cache {tag}")
+            run = _examples_run(ctx, f"{tag}-{rep}", "off" if tag == "off" else "on")
+            run["load"] = ctx.load_samples[-1][1]  # 1-min load average as it started
+            _expect(tag, run, {"off": "booted", "cold": "booted", "warm": "restored"}[tag])
+            runs[tag].append(run)
+            log(f"P10: {tag}: {run['wall_s']:.1f} s wall, VMs {', '.join(run['starts'])} "
+                f"(ready {', '.join(f'{s:.1f}' for s in run['ready_s'])} s)")
+    off, cold, warm = (stat([r["wall_s"] for r in runs[t]]) for t in ("off", "cold", "warm"))
+    fig.value = f"warm {warm.fmt(digits=1)}; cold {cold.fmt(digits=1)}"
+    fig.reference = f"state cache off {off.fmt(digits=1)}"
+    fig.ratio = f"warm/off {warm.median / off.median:.2f}×, cold/off {cold.median / off.median:.2f}×"
+    fig.verdict = verdict(warm.median <= 0.4 * off.median and cold.median <= 1.1 * off.median)
+
+    def per_vm(tag: str) -> str:
+        return "; ".join(", ".join(f"{s} {t:.1f} s" for s, t in zip(r["starts"], r["ready_s"],
+                                                                    strict=True))
+                         for r in runs[tag])
+
+    def pristine(tag: str) -> str:
+        return "; ".join(", ".join(f"{x:.1f} s" for x in r["pristine_s"] if x is not None)
+                         for r in runs[tag])
+
+    fig.notes.append("request → ready per VM: " + " | ".join(f"{t}: {per_vm(t)}"
+                                                             for t in ("off", "cold", "warm")))
+    fig.notes.append(f"pristine point per booted VM (save; cold: + publish): off {pristine('off')}"
+                     f" | cold {pristine('cold')}; 1-min load as each run started: "
+                     + ", ".join(f"{t} " + "/".join(f"{r['load']:.1f}" for r in runs[t])
+                                 for t in ("off", "cold", "warm")))
+    fig.data = {**runs, "wall_s": {"off": off.as_dict(), "cold": cold.as_dict(),
+                                   "warm": warm.as_dict()}}
+    fig.bars = [Bar("warm state", warm), Bar("cold state cache", cold),
+                Bar("state cache off", off, True)]
     return fig
