@@ -11,7 +11,7 @@ P4 transfers per run at -n 1/2/4, P5 fixture -> ready VM (vs hand-run virsh),
 P6 reset per firmware and mechanism vs reboot reset, P7 cold build, P8 warm booted
 state vs cold boot, P9 booted state pulled from the registry into an empty store,
 P10 examples/ under -n 2 with a warm state, a cold state cache and the state cache off,
-Z zstd vs none.
+Z zstd vs none, ZS a booted state zstd vs none.
 Needs the host set up by `make host` (libvirtd, registry on 127.0.0.1:5000, .venv).
 """
 
@@ -33,7 +33,7 @@ from . import cache_figs, report, startup_figs, state_figs, vm_figs
 from .common import REPO_ROOT, Ctx, clean_env, log, machine_info
 from .figure import Figure
 
-ALL = ("P0", "P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "Z")
+ALL = ("P0", "P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "Z", "ZS")
 TITLES = {"P0": "installed, unused plugin start-up",
           "P1": "local-hit resolve", "P2": "cold pull", "P3": "push peak RSS",
           "P4": "image transfers per run", "P5": "fixture request → ready VM",
@@ -41,7 +41,7 @@ TITLES = {"P0": "installed, unused plugin start-up",
           "P8": "warm booted state vs cold boot",
           "P9": "state pulled from the registry into an empty store",
           "P10": "examples/ -n 2: warm state and cold state cache vs state cache off",
-          "Z": "zstd vs none"}
+          "Z": "zstd vs none", "ZS": "a booted state, zstd vs none"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             run("P9", lambda: state_figs.p9_state_registry(ctx))
         if "P10" in want:  # after P8/P9: its cold runs empty the bench's states dir
             run("P10", lambda: state_figs.p10_examples(ctx))
+        if "ZS" in want:  # after P8-P10: it sends the state they published
+            run("ZS", lambda: state_figs.zs_state_compression(ctx))
         if "P7" in want and not built_first:
             run("P7", lambda: cache_figs.p7_cold_build(ctx))
         ctx.sample_load()

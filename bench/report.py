@@ -166,6 +166,9 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         "cold, and warm follows its cold run).",
         "- **Z** the base pushed with `compress=none` and `compress=zstd` to fresh repositories "
         "and pulled back into an empty store (digest checked), alternating.",
+        "- **ZS** the newest booted state the run published (P8-P10: save file, frozen "
+        "overlay, NVRAM if any) pushed the same two ways as a bundle to fresh repositories and "
+        "pulled back into an empty store, each file's digest checked, alternating.",
         "",
         "## Machine",
         "",

@@ -22,13 +22,14 @@ import json
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from pytest_flightvm.cache.resolve import push_file
 
 from .cache_figs import _settings
-from .common import REPO_ROOT, Ctx, log, run_child, stat
+from .common import REPO_ROOT, Ctx, MiB, alternate, log, run_child, settle_io, stat
 from .figure import Bar, Figure, verdict
 
 SUITE = """
@@ -235,4 +236,78 @@ def p10_examples(ctx: Ctx) -> Figure:
                                    "warm": warm.as_dict()}}
     fig.bars = [Bar("warm state", warm), Bar("cold state cache", cold),
                 Bar("state cache off", off, True)]
+    return fig
+
+
+def zs_state_compression(ctx: Ctx) -> Figure:
+    """A booted state that P8-P10 published (save file, frozen overlay, NVRAM), pushed as it
+    is and with zstd to fresh repositories of this bench run and pulled back into an empty
+    store, each file's digest checked, alternating: the state's size, push and pull seconds,
+    compressed and not."""
+    from pytest_flightvm.cache.registry import FlightRegistry
+    from pytest_flightvm.cache.registry.bundle import pull_bundle, push_bundle
+    from pytest_flightvm.cache.store import Store
+    from pytest_flightvm.vm.statecache import StateCache
+    from pytest_flightvm.vm.stateshare import CONFIG_MEDIA_TYPE, outgoing
+
+    fig = Figure("ZS", "a booted state pushed and pulled, zstd vs none",
+                 target="reported: sizes, push and pull seconds, compressed and not")
+    states = StateCache(ctx.cache_dir / "states", notice=log)
+    found = sorted(states.entries(), key=lambda e: str(e.get("created") or ""))
+    if not found:
+        fig.value, fig.verdict = "failed: no booted state in the bench's cache (run P8 or P10)", \
+            "failed"
+        return fig
+    key = found[-1]["key"]
+    files, config = outgoing(states, key)
+    plain = sum(f.path.stat().st_size for f in files)
+    scratch = ctx.scratch("zs")
+    counter = [0]
+
+    def cycle(mode: str) -> dict[str, float]:
+        counter[0] += 1
+        client = FlightRegistry(ctx.bench_repo(f"zs-{mode}-{counter[0]}")).client
+        _digest, sent, push_s = push_bundle(client, files, config,
+                                            config_media_type=CONFIG_MEDIA_TYPE, tag="bench",
+                                            arch=ctx.base.arch, key=key, compress=mode)
+        store = Store(scratch / f"store-{counter[0]}")
+        t = time.monotonic()
+        pulled = pull_bundle(client, "bench", store, config_media_type=CONFIG_MEDIA_TYPE,
+                             arch=ctx.base.arch, key=key,
+                             wanted={f.title: (f.media_type, lambda _p: None) for f in files},
+                             required=[f.title for f in files])
+        pull_s = time.monotonic() - t
+        if any(pulled.files.get(f.title) != f.digest for f in files):
+            raise RuntimeError(f"ZS: the {mode} round trip changed a file of the state")
+        shutil.rmtree(scratch / f"store-{counter[0]}", ignore_errors=True)
+        return {"push_s": push_s, "pull_s": pull_s, "sent": sent, "received": pulled.bytes}
+
+    try:
+        runs = alternate(ctx.reps_zstd, {"none": lambda: cycle("none"),
+                                         "zstd": lambda: cycle("zstd")},
+                         settle=settle_io(ctx.work, 2 * plain // MiB + 1))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    def s(mode: str, field: str) -> Any:
+        return stat([r[field] for r in runs[mode]])
+
+    z_bytes, n_bytes = runs["zstd"][0]["received"], runs["none"][0]["received"]
+    fig.value = (f"zstd: {z_bytes / MiB:.0f} MiB, push {s('zstd', 'push_s').fmt()}, "
+                 f"pull {s('zstd', 'pull_s').fmt()}")
+    fig.reference = (f"none: {n_bytes / MiB:.0f} MiB, push {s('none', 'push_s').fmt()}, "
+                     f"pull {s('none', 'pull_s').fmt()}")
+    fig.ratio = f"zstd moves {z_bytes / max(n_bytes, 1):.0%} of the bytes"
+    fig.verdict = "info"
+    fig.notes.append(f"state {key[:12]}: " + ", ".join(
+        f"{f.title} {f.path.stat().st_size / MiB:.0f} MiB" for f in files)
+        + f" ({plain / MiB:.0f} MiB in all); pushed to fresh repositories on loopback, pulled "
+        "into an empty store with each file's digest checked (the restore's own vetting, "
+        "P9, is not part of this)")
+    fig.data = {"key": key, "plain_bytes": plain, "zstd_bytes": z_bytes, "none_bytes": n_bytes,
+                **{f"{m}_{k}": s(m, k).as_dict() for m in ("none", "zstd")
+                   for k in ("push_s", "pull_s")}}
+    fig.bars = [Bar("zstd push", s("zstd", "push_s")), Bar("zstd pull", s("zstd", "pull_s")),
+                Bar("none push", s("none", "push_s"), True),
+                Bar("none pull", s("none", "pull_s"), True)]
     return fig
