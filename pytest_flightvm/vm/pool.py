@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FlightVMError
 from .factory import VMFactory, VMRequest
@@ -40,6 +40,9 @@ from .machine import Machine
 from .pristine import Pristine, capture, restore
 from .snapshot import revert, take_snapshot
 from .statecache import StateCache, state_key
+
+if TYPE_CHECKING:  # registry code: imported by the session only when states are shared
+    from .stateshare import StateShare
 
 log = logging.getLogger("flightvm")
 
@@ -70,10 +73,12 @@ class VMPool:
         after_revert: VMHook = lambda _vm: None,
         notice: Callable[[str], None] = log.warning,
         states: StateCache | None = None,
+        share: StateShare | None = None,
         state_inputs: tuple[str, ...] = (),
     ) -> None:
         self.factory = factory
         self.states = states
+        self.share = share  # the registry's side of ``states`` (vm/stateshare.py), or None
         self.state_inputs = state_inputs  # fingerprints of the hooks before the pristine point
         self.on_ready = on_ready
         self.before_snapshot = before_snapshot
@@ -108,13 +113,13 @@ class VMPool:
     def _restore_saved(self, request: VMRequest, key: str) -> Machine | None:
         assert self.states is not None
         saved = self.states.lookup(key)
-        if saved is None and self.states.share is not None:  # --flightvm-state-cache registry
+        if saved is None and self.share is not None:  # --flightvm-state-cache registry
             try:
                 vetting = self.factory.state_vetting(request)
             except (FlightVMError, OSError) as exc:
                 self.notice(f"flightvm: a booted state cannot be pulled ({exc}); booting")
                 return None
-            saved = self.states.share.pull(self.states, key, vetting)
+            saved = self.share.pull(self.states, key, vetting)
         if saved is None:
             return None
         try:
@@ -146,7 +151,7 @@ class VMPool:
             except FlightVMError as exc:
                 self.notice(f"flightvm: the booted state of {machine.name} was not cached ({exc})")
                 return None
-            if published is not None and states.share is not None:
+            if published is not None and self.share is not None:
                 self._unpushed = key  # pushed once the VM runs again (_boot)
             return published
 
@@ -191,9 +196,9 @@ class VMPool:
         # also when no pristine point could be made: the profile's before_snapshot stopped
         # the agent, and the test still gets the VM as after a reset
         self.after_revert(machine)
-        if self._unpushed is not None and self.states is not None and self.states.share:
+        if self._unpushed is not None and self.states is not None and self.share:
             key, self._unpushed = self._unpushed, None
-            self.states.share.push_soon(self.states, key)  # waited for in close()
+            self.share.push_soon(self.states, key)  # waited for in close()
         return machine
 
     def acquire(self, request: VMRequest, reset: str) -> Machine:
@@ -246,5 +251,5 @@ class VMPool:
 
     def close(self) -> None:
         self.drop()
-        if self.states is not None and self.states.share is not None:
-            self.states.share.wait()
+        if self.share is not None:
+            self.share.wait()

@@ -252,16 +252,16 @@ class VMSession:
                 profile.resume(vm)
             self._resumed = True
 
-        states = None
+        states = share = None
         if self.settings.state_cache in ("on", "registry"):
             from .stateshare import StateShare  # registry code: only when states are shared
 
-            states = StateCache(self.settings.states_dir, notice=self.notice,
-                                share=StateShare.for_settings(self.settings, self.notice))
+            states = StateCache(self.settings.states_dir, notice=self.notice)
+            share = StateShare.for_settings(self.settings, self.notice)
         # looked up at call time: the plugin's pytester tests stand a fake pool in here
         self.pools[kind] = pool_module.VMPool(
             self.factory, on_ready=self.hooks.vm_ready, before_snapshot=before_snapshot,
-            after_revert=after_revert, notice=self.notice, states=states,
+            after_revert=after_revert, notice=self.notice, states=states, share=share,
             state_inputs=state_inputs(self.hooks.implementations(), profile))
         return self.pools[kind]
 

@@ -18,7 +18,7 @@ versions, accel, the login, and a fingerprint of the hooks that run before the
 pristine point.
 
 The registry's side (push a published state, pull one on a miss) is :mod:`stateshare`,
-reached through :attr:`StateCache.share` when ``--flightvm-state-cache registry`` is set.
+above this module: the pool holds both when ``--flightvm-state-cache registry`` is set.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from filelock import Timeout
 
@@ -38,9 +38,6 @@ from ..cache.store import Store
 from ..errors import CacheError, FlightVMError
 from ..statedir import ensure_cache_dir, private_dir
 from .pristine import Pristine
-
-if TYPE_CHECKING:
-    from .stateshare import StateShare
 
 STATE_FORMAT = 1
 """Bump when what a state holds, or how it is restored, changes: old states stop matching."""
@@ -72,11 +69,9 @@ class SavedState:
 class StateCache:
     """The booted-state store of one cache dir."""
 
-    def __init__(self, root: Path, *, notice: Callable[[str], None],
-                 share: StateShare | None = None) -> None:
+    def __init__(self, root: Path, *, notice: Callable[[str], None]) -> None:
         self.root = root
         self.notice = notice
-        self.share = share  # the registry's side (vm/stateshare.py), or None: local only
         self._store: Store | None = None
 
     @property

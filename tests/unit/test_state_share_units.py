@@ -258,9 +258,9 @@ def test_pool_pulls_on_a_local_miss_with_our_own_xml(tmp_path: Path) -> None:
         def pull(self, states: Any, key: str, vet: Any) -> None:
             calls.append((key, vet))
 
-    states = StateCache(tmp_path / "cache" / "states", notice=print, share=Share())  # type: ignore[arg-type]
+    states = StateCache(tmp_path / "cache" / "states", notice=print)
     factory = offline_factory(tmp_path, memory=1536, vcpus=1)
-    pool = VMPool(factory, notice=print, states=states)
+    pool = VMPool(factory, notice=print, states=states, share=Share())  # type: ignore[arg-type]
     assert pool._restore_saved(VMRequest(), KEY) is None  # noqa: SLF001
     ((key, vet),) = calls
     assert key == KEY and vet.base == factory.base_image and vet.nvram_size is None
