@@ -72,8 +72,7 @@ def check_inputs(settings: Settings) -> None:
 
 
 def new_run_id() -> str:
-    """Short, sortable, unique: ``YYMMDDHHMMSS-xxxx`` (as ``vm.factory.new_run_id``, without
-    importing the VM layer at start-up)."""
+    """Short, sortable, unique: ``YYMMDDHHMMSS-xxxx``."""
     return time.strftime("%y%m%d%H%M%S") + "-" + secrets.token_hex(2)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import secrets
 import shutil
 import sys
 import threading
@@ -89,11 +88,6 @@ def _read_lines(path: Path | None) -> list[str]:
 PORT_TRIES = 3
 #: Boots of one VM whose guest hung (GuestStuck) before its boot fails (see _boot_unstuck).
 STUCK_BOOTS = 2
-
-
-def new_run_id() -> str:
-    """Short, sortable, unique: ``YYMMDDHHMMSS-xxxx``."""
-    return time.strftime("%y%m%d%H%M%S") + "-" + secrets.token_hex(2)
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,8 @@ def run_cli(spec: dict[str, Any]) -> int:
 
 def live_vm(spec: dict[str, Any]) -> int:
     from pytest_flightvm.config import Settings
-    from pytest_flightvm.vm.factory import RunContext, VMFactory, new_run_id
+    from pytest_flightvm.startup import new_run_id
+    from pytest_flightvm.vm.factory import RunContext, VMFactory
     from pytest_flightvm.vm.machine import Machine
     from pytest_flightvm.vm.reaper import write_run_file
 

@@ -23,7 +23,8 @@ import pytest
 from faultkit import StalledListener, Tally, domains_referencing
 
 from pytest_flightvm.config import Settings
-from pytest_flightvm.vm.factory import RunContext, VMFactory, new_run_id
+from pytest_flightvm.startup import new_run_id
+from pytest_flightvm.vm.factory import RunContext, VMFactory
 from pytest_flightvm.vm.machine import Machine
 
 pytestmark = pytest.mark.vm

@@ -35,9 +35,10 @@ from test_r6_bad_input import check_cli, check_no_domain, check_setup_error, ses
 from pytest_flightvm.config import Settings
 from pytest_flightvm.errors import FlightVMError, StoreUnusable
 from pytest_flightvm.procs import pid_namespace
+from pytest_flightvm.startup import new_run_id
 from pytest_flightvm.vm import accel
 from pytest_flightvm.vm.domain import DomainSpec, Owner
-from pytest_flightvm.vm.factory import RunContext, VMFactory, make_run_dir, new_run_id
+from pytest_flightvm.vm.factory import RunContext, VMFactory, make_run_dir
 from pytest_flightvm.vm.reaper import write_run_file
 from tests.fake_disk import MiB, write_fake_qcow2
 
