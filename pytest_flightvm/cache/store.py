@@ -27,6 +27,8 @@ kernel gives no boot id, blobs are fsynced as before.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -42,7 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any
 
 from filelock import FileLock
 
@@ -141,39 +143,15 @@ class StoreEntry:
     refs: tuple[str, ...]
 
 
-class _Stage:
-    """A thread that applies ``fn`` to each chunk put to it, in order.
+_RING = 6
+"""Chunk buffers a writer lends (see :meth:`BlobWriter.fill`): one being read into,
+the rest queued for or in the hasher."""
 
-    hashlib and file writes release the GIL, so stages run alongside the caller.
-    The first exception is kept in ``error``; later chunks are then dropped, so
-    ``put`` never blocks on a dead stage.
-    """
 
-    def __init__(self, fn: Callable[[bytes], object], depth: int = 8) -> None:
-        self._fn = fn
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self._fn(chunk)
-                except BaseException as exc:  # handed to the caller by write/commit
-                    self.error = exc
-
-    def put(self, chunk: bytes) -> None:
-        self._queue.put(chunk)
-
-    def finish(self, cancel: bool = False) -> None:
-        """Wait until every chunk put so far was handled (or dropped, with ``cancel``)."""
-        if cancel and self.error is None:
-            self.error = CacheError("cancelled")
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class BlobWriter:
@@ -185,9 +163,20 @@ class BlobWriter:
     an exception, a mismatch or a failed check the temp file is removed. ``digest`` holds
     the result after commit.
 
-    The caller only hands chunks over: one thread hashes them and another
-    writes them, so a pull costs about its slowest part (receive or hash)
-    instead of receive + write + hash.
+    The caller's thread puts each chunk in the file and one hashing thread hashes it
+    (hashlib releases the GIL), so a pull costs about its slower half. Three ways in:
+
+    - :meth:`splice`: the kernel moves the chunk from a socket into the file, and the
+      hasher reads it back from the page cache. The receiving side never waits for
+      the hasher (the chunk waits in the page cache), and no byte passes through
+      Python on its way in: the fastest way on a 2-CPU host (docs/BENCHMARKS.md, P2);
+    - :meth:`fill`: the caller reads into one of a few buffers the writer lends, so
+      a chunk is copied once between the socket and the file, as curl does;
+    - :meth:`write`: anything else; copied first unless it is ``bytes``, since the
+      caller may reuse it.
+
+    The file holds the chunks in the order they came, whichever way; the digest is
+    of the file's bytes.
     """
 
     def __init__(self, store: Store, expected: str | None = None, size: int | None = None,
@@ -197,23 +186,124 @@ class BlobWriter:
         self.expected_size = size
         self.check = check
         self.tmp = store.tmp_path(".part")
-        self._file: BinaryIO | None = open(self.tmp, "wb")
+        self._fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL
+                                       | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        self._fd_read = self._fd  # the hasher's, for spliced chunks; closed after it is done
+        self._pipe: tuple[int, int] | None = None
+        self._readback: memoryview | None = None
+        self._failed: OSError | None = None
         self._hash = hashlib.sha256()
         self.bytes = 0
         self.digest: str | None = None
-        self._hasher = _Stage(self._hash.update)
-        self._writer = _Stage(self._file.write)
+        self._ring: list[memoryview] = []
+        self._slots: dict[int, int] = {}  # id(buffer) -> its index in _ring
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        # (chunk, its lent buffer's index or -1), or (None, file offset hashed up to)
+        self._todo: queue.SimpleQueue[tuple[bytes | memoryview | None, int] | None] = (
+            queue.SimpleQueue())
+        self._credit = threading.Semaphore(_RING)  # bounds chunks queued for the hasher
+        self._cancelled = False
+        self._hasher = threading.Thread(target=self._hash_loop, daemon=True)
+        self._hasher.start()
+
+    def _hash_loop(self) -> None:
+        hashed = 0
+        while (item := self._todo.get()) is not None:
+            data, mark = item
+            if self._cancelled:
+                pass
+            elif data is not None:
+                self._hash.update(data)
+                hashed += len(data)
+            else:  # spliced: read back from the page cache what the file holds up to mark
+                try:
+                    hashed = self._hash_file(hashed, mark)
+                except OSError as exc:
+                    self._cancelled, self._failed = True, exc
+            if data is not None:
+                if mark >= 0:
+                    self._free.put(mark)
+                self._credit.release()
+
+    def _hash_file(self, start: int, end: int) -> int:
+        if self._readback is None:
+            self._readback = memoryview(bytearray(_CHUNK))
+        while start < end:
+            n = os.preadv(self._fd_read, [self._readback[:min(end - start, _CHUNK)]], start)
+            if not n:
+                raise OSError(errno.EIO, "the temp file is shorter than what was written")
+            self._hash.update(self._readback[:n])
+            start += n
+        return start
+
+    def _lend(self) -> int:
+        with contextlib.suppress(queue.Empty):
+            return self._free.get_nowait()
+        if len(self._ring) < _RING:
+            buf = bytearray(_CHUNK)
+            self._slots[id(buf)] = len(self._ring)
+            self._ring.append(memoryview(buf))
+            return len(self._ring) - 1
+        return self._free.get()
+
+    def fill(self, readinto: Callable[[memoryview], int]) -> int:
+        """Read one chunk with ``readinto`` into a buffer of this writer's and write it.
+        Returns its size; 0 when ``readinto`` read nothing (the source is done)."""
+        slot = self._lend()
+        try:
+            n = readinto(self._ring[slot])
+        except BaseException:
+            self._free.put(slot)
+            raise
+        if not n:
+            self._free.put(slot)
+            return 0
+        return self.write(self._ring[slot][:n])
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        if self._file is None:
+        if self._fd is None:
             raise CacheError("write to a closed blob writer")
-        if isinstance(self._writer.error, OSError):
-            raise self._io_error(self._writer.error)
-        chunk = data if isinstance(data, bytes) else bytes(data)
-        self._hasher.put(chunk)
-        self._writer.put(chunk)
+        chunk: bytes | memoryview
+        slot = self._slots.get(id(data.obj), -1) if isinstance(data, memoryview) else -1
+        if isinstance(data, memoryview) and slot >= 0:
+            chunk = data  # a view of a buffer this writer lent: the caller hands it back
+        elif isinstance(data, bytes):
+            chunk = data
+        else:
+            chunk = bytes(data)
+        try:
+            _write_all(self._fd, chunk)
+        except OSError as exc:
+            if slot >= 0:
+                self._free.put(slot)
+            raise self._io_error(exc) from None
+        self._credit.acquire()
+        self._todo.put((chunk, slot))
         self.bytes += len(chunk)
         return len(chunk)
+
+    def splice(self, source: Callable[[int, int], int]) -> int:
+        """Move one chunk into the file without copying it through Python:
+        ``source(pipe, n)`` puts up to ``n`` bytes into the write end of a pipe of this
+        writer's (see ``Body.splice``), and the kernel moves them on into the file; the
+        hasher reads them back from the page cache. Returns the chunk's size; 0 when
+        ``source`` put nothing (the source is done)."""
+        if self._fd is None:
+            raise CacheError("write to a closed blob writer")
+        if self._pipe is None:
+            self._pipe = os.pipe2(os.O_CLOEXEC)
+            with contextlib.suppress(OSError):  # a smaller pipe only means more calls
+                fcntl.fcntl(self._pipe[1], fcntl.F_SETPIPE_SZ, _CHUNK)
+        n = source(self._pipe[1], _CHUNK)
+        try:
+            moved = 0
+            while moved < n:
+                moved += os.splice(self._pipe[0], self._fd, n - moved)
+        except OSError as exc:
+            raise self._io_error(exc) from None
+        self.bytes += n  # no credit taken: the chunk waits in the page cache, not in memory
+        self._todo.put((None, self.bytes))
+        return n
 
     def _io_error(self, exc: OSError) -> CacheError:
         return StoreUnusable(
@@ -221,27 +311,33 @@ class BlobWriter:
             "free space there or set --flightvm-cache-dir"
         )
 
+    def _close(self, cancel: bool) -> None:
+        """Wait for the hasher (it skips what is left on ``cancel``), then close the file."""
+        self._cancelled = self._cancelled or cancel
+        if self._hasher.is_alive():
+            self._todo.put(None)
+            self._hasher.join()
+        fds = [self._fd, *(self._pipe or ())]
+        self._fd, self._pipe = None, None
+        for fd in fds:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
     def commit(self) -> str:
-        if self._file is None:
+        if self._fd is None:
             raise CacheError("blob writer already closed")
-        self._writer.finish()
-        f, self._file = self._file, None
         try:
-            if self._writer.error is not None:
-                raise self._writer.error
-            f.flush()
             if boot_id() is None:  # no way to tell a later boot: make it durable now
-                os.fsync(f.fileno())
-        except BaseException as exc:
-            self._hasher.finish(cancel=True)
+                os.fsync(self._fd)
+        except OSError as exc:
+            self._close(cancel=True)
             self._discard()
-            if isinstance(exc, OSError):
-                raise self._io_error(exc) from None
-            raise
-        finally:
-            with contextlib.suppress(OSError):
-                f.close()
-        self._hasher.finish()
+            raise self._io_error(exc) from None
+        self._close(cancel=False)
+        if self._failed is not None:
+            self._discard()
+            raise self._io_error(self._failed)
         digest = "sha256:" + self._hash.hexdigest()
         if self.expected and digest != self.expected:
             self._discard()
@@ -265,12 +361,7 @@ class BlobWriter:
         return self.digest
 
     def abort(self) -> None:
-        self._writer.finish(cancel=True)
-        self._hasher.finish(cancel=True)
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
+        self._close(cancel=True)
         self._discard()
 
     def _discard(self) -> None:
@@ -360,9 +451,9 @@ class Store:
                 if exc.errno != 18:  # EXDEV: different filesystem; fall back to a copy
                     raise CacheError(f"cannot import {path}: {exc.strerror}") from None
         try:
-            with open(path, "rb") as src, self.writer(expected) as w:
-                while chunk := src.read(_CHUNK):
-                    w.write(chunk)
+            with open(path, "rb", buffering=0) as src, self.writer(expected) as w:
+                while w.fill(src.readinto):
+                    pass
         except OSError as exc:
             raise CacheError(f"cannot import {path}: {exc.strerror}") from None
         assert w.digest is not None

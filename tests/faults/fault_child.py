@@ -32,15 +32,16 @@ def observe(kinds: list[str]) -> None:
     from pytest_flightvm.cache import build, store
     from pytest_flightvm.cache.registry import transfer
 
-    if "write" in kinds:
-        real_write = store.BlobWriter.write
+    if "write" in kinds:  # a chunk landed in the temp file: written, or spliced
+        for name in ("write", "splice"):
+            real = getattr(store.BlobWriter, name)
 
-        def write(self: Any, data: Any) -> int:
-            n = real_write(self, data)
-            emit(f"write {self.bytes}")
-            return n
+            def landed(self: Any, arg: Any, _real: Any = real) -> int:
+                n = _real(self, arg)
+                emit(f"write {self.bytes}")
+                return n
 
-        store.BlobWriter.write = write  # type: ignore[method-assign]
+            setattr(store.BlobWriter, name, landed)
     if "commit" in kinds:
         real_commit = store.BlobWriter.commit
 

@@ -146,13 +146,15 @@ def test_kill_9_mid_pull_leaves_no_false_hit(pushed: Settings, tmp_path: Path) -
         from pytest_flightvm.cache import resolve_image
         from pytest_flightvm.cache.store import BlobWriter
         from pytest_flightvm.config import Settings
-        real = BlobWriter.write
-        def slow(self, data):
-            n = real(self, data)
-            Path({str(started)!r}).touch()
-            time.sleep(60)
-            return n
-        BlobWriter.write = slow
+        def stall(real):
+            def slow(self, data):
+                n = real(self, data)
+                Path({str(started)!r}).touch()
+                time.sleep(60)
+                return n
+            return slow
+        BlobWriter.write = stall(BlobWriter.write)  # a chunk written, or spliced (plain HTTP)
+        BlobWriter.splice = stall(BlobWriter.splice)
         s = Settings(cache_dir=Path({str(pushed.cache_dir)!r}), rootdir=Path({str(tmp_path)!r}),
                      arch="amd64", registry={pushed.registry!r}, build_cmd={pushed.build_cmd!r})
         resolve_image(s, log=lambda m: None)

@@ -14,12 +14,18 @@ a URL it hands back (upload location, next page) must stay on its host.
 from __future__ import annotations
 
 import hashlib
+import http.client
+import os
 import re
+import select
+import socket
+import ssl
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import requests
+import urllib3
 
 from ...errors import (
     ArtifactNotFound,
@@ -40,7 +46,7 @@ from .documents import (
     index_entries,
     parse_json,
 )
-from .streams import CHUNK, Watchdog
+from .streams import CHUNK, Watchdog, socket_of
 
 CONNECT_TIMEOUT = 3.0
 """Seconds to open a connection; a closed port fails at once."""
@@ -55,6 +61,130 @@ MIN_RATE = 512 << 10
 """Bytes/s a body must average: its deadline is ``2 x READ_TIMEOUT + size / MIN_RATE``."""
 MAX_PAGES = 1000
 """Most pages of a tag list."""
+
+
+_READ_ERRORS = (requests.exceptions.RequestException, OSError, http.client.HTTPException,
+                urllib3.exceptions.HTTPError)
+
+
+def _spliceable(fp: http.client.HTTPResponse | None,
+                resp: requests.Response) -> socket.socket | None:
+    """The plain TCP socket under ``fp`` when its body can be spliced: a known length,
+    not chunked, nothing decoded, no TLS (its bytes must be decrypted in Python)."""
+    if fp is None or fp.chunked or fp.length is None or not hasattr(os, "splice"):
+        return None
+    sock = socket_of(resp)
+    return sock if sock is not None and not isinstance(sock, ssl.SSLSocket) else None
+
+
+def _in_place(resp: requests.Response) -> http.client.HTTPResponse | None:
+    """http.client's response under requests and urllib3, when nothing decodes the body:
+    it reads straight into a caller's buffer (urllib3's ``readinto`` reads a fresh
+    chunk, then copies it). There is no public handle to it."""
+    fp = getattr(resp.raw, "_fp", None)
+    if isinstance(fp, http.client.HTTPResponse) and not resp.headers.get("Content-Encoding"):
+        return fp
+    return None
+
+
+class Body:
+    """A response body being read (from :meth:`Client.stream`); a context manager.
+
+    ``readinto`` fills a caller's buffer, ``read`` returns a chunk; both return
+    nothing at the end. More than ``limit`` bytes, or a body not complete within the
+    client's allowance for ``limit`` (a watchdog shuts the socket then: a read
+    timeout applies to each read, so a body trickling in would never time out), is
+    a one-line RegistryError; a broken connection is RegistryUnavailable.
+    """
+
+    def __init__(self, client: Client, resp: requests.Response, limit: int, what: str) -> None:
+        self.client, self.resp, self.limit, self.what = client, resp, limit, what
+        self.seconds = client.allowance(limit)
+        self.got = 0
+        self._fp = _in_place(resp)
+        self._sock = _spliceable(self._fp, resp)
+        self._left: int | None = None  # bytes still to splice (once splicing began)
+        self._watchdog = Watchdog(resp, self.seconds)
+
+    @property
+    def spliceable(self) -> bool:
+        """Whether :meth:`splice` works: plain HTTP with a Content-Length, nothing decoded."""
+        return self._sock is not None
+
+    def readinto(self, view: memoryview) -> int:
+        try:
+            if self._fp is not None:
+                n = self._fp.readinto(view)
+            else:
+                data = self.resp.raw.read(len(view), decode_content=True)
+                n = len(data)
+                view[:n] = data
+        except _READ_ERRORS as exc:
+            if not self._watchdog.fired:
+                raise self.client.unavailable(exc) from None
+            n = 0
+        return self._count(n)
+
+    def splice(self, pipe: int, n: int) -> int:
+        """Move up to ``n`` more bytes of the body into ``pipe`` (the write end of a pipe
+        with room for them) in the kernel: they never pass through Python. Returns how
+        many; 0 at the end. Only when :attr:`spliceable`."""
+        assert self._fp is not None and self._sock is not None
+        first = self._left is None
+        left = self._left = (self._fp.length or 0) if self._left is None else self._left
+        if left <= 0:
+            return 0
+        try:
+            if first:  # what http.client's reader holds already comes first
+                ahead = self._fp.fp.peek(1)[:min(n, left)]
+                k = os.write(pipe, self._fp.fp.read(len(ahead))) if ahead else 0
+            else:
+                k = self._splice(pipe, min(n, left))
+        except _READ_ERRORS as exc:
+            if not self._watchdog.fired:
+                raise self.client.unavailable(exc) from None
+            k = 0
+        if not k and not self._watchdog.fired:
+            raise self.client.unavailable(http.client.IncompleteRead(b"", left))
+        self._left -= k
+        return self._count(k)
+
+    def _splice(self, pipe: int, n: int) -> int:
+        assert self._sock is not None
+        fd = self._sock.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while True:
+            try:
+                return os.splice(fd, pipe, n, flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                if not poller.poll(self.client.timeout[1] * 1000):
+                    raise TimeoutError("Read timed out") from None
+
+    def _count(self, n: int) -> int:
+        if self._watchdog.fired:
+            raise RegistryError(f"{self.what}: registry {self.client.ref.host} did not send its "
+                                f"{self.limit} bytes within {self.seconds:.0f} s "
+                                f"({self.got} arrived); refused")
+        self.got += n
+        if self.got > self.limit:
+            raise RegistryError(f"{self.what}: registry {self.client.ref.host} sent more than "
+                                f"the {self.limit} bytes expected; refused")
+        return n
+
+    def read(self, n: int) -> bytes:
+        view = memoryview(bytearray(n))
+        return view[:self.readinto(view)].tobytes()
+
+    def chunks(self) -> Iterator[bytes]:
+        while chunk := self.read(CHUNK):
+            yield chunk
+
+    def __enter__(self) -> Body:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._watchdog.cancel()
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -230,34 +360,20 @@ class Client:
         """Seconds a body of ``size`` bytes may take, all of it (see :data:`MIN_RATE`)."""
         return 2 * self.timeout[1] + size / self.min_rate
 
-    def bounded(self, resp: requests.Response, limit: int, what: str) -> Iterator[bytes]:
-        """The body of ``resp`` in chunks: at most ``limit`` bytes, all within
+    def stream(self, resp: requests.Response, limit: int, what: str) -> Body:
+        """The body of ``resp`` to read: at most ``limit`` bytes, all within
         :meth:`allowance`; otherwise a one-line RegistryError (and the socket is shut)."""
         declared = resp.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
             resp.close()
             raise RegistryError(f"{what}: registry {self.ref.host} announced {declared} bytes, "
                                 f"more than the {limit} expected; refused")
-        seconds = self.allowance(limit)
-        watchdog = Watchdog(resp, seconds)
-        got = 0
-        try:
-            for chunk in resp.iter_content(CHUNK):
-                got += len(chunk)
-                if got > limit:
-                    raise RegistryError(f"{what}: registry {self.ref.host} sent more than the "
-                                        f"{limit} bytes expected; refused")
-                if watchdog.fired:
-                    break
-                yield chunk
-        except (requests.exceptions.RequestException, OSError) as exc:
-            if not watchdog.fired:
-                raise self.unavailable(exc) from None
-        finally:
-            watchdog.cancel()
-        if watchdog.fired:
-            raise RegistryError(f"{what}: registry {self.ref.host} did not send its {limit} "
-                                f"bytes within {seconds:.0f} s ({got} arrived); refused")
+        return Body(self, resp, limit, what)
+
+    def bounded(self, resp: requests.Response, limit: int, what: str) -> Iterator[bytes]:
+        """:meth:`stream`'s body in chunks."""
+        with self.stream(resp, limit, what) as body:
+            yield from body.chunks()
 
     def body(self, resp: requests.Response, what: str, cap: int = METADATA_CAP) -> bytes:
         """The whole body, at most ``cap`` bytes (metadata); closes ``resp``. A second

@@ -140,7 +140,7 @@ class Watchdog:
 
     def _fire(self) -> None:
         self.fired = True
-        sock = _socket_of(self.resp)
+        sock = socket_of(self.resp)
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -151,7 +151,7 @@ class Watchdog:
         self._timer.cancel()
 
 
-def _socket_of(resp: requests.Response) -> socket.socket | None:
+def socket_of(resp: requests.Response) -> socket.socket | None:
     """The socket under a streamed response (urllib3 -> http.client -> SocketIO)."""
     node: object = resp.raw
     for attr in ("_fp", "fp", "raw", "_sock"):  # no public handle exists

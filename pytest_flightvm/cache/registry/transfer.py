@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError, FlightVMError, IntegrityError, RegistryError
-from ..store import Store
-from .client import FINALIZE_TIMEOUT, Client
+from ..store import BlobWriter, Store
+from .client import FINALIZE_TIMEOUT, Body, Client
 from .documents import (
     ANN_DISK_DIGEST,
     ANN_DISK_SIZE,
@@ -59,6 +59,13 @@ class PushResult:
 # -- pull ------------------------------------------------------------------------------
 
 
+def copy_body(body: Body, w: BlobWriter, progress: Progress) -> None:
+    """The rest of ``body`` into ``w``: spliced in the kernel where the body allows it
+    (plain HTTP), else read into the writer's own buffers (one copy to the file)."""
+    while n := (w.splice(body.splice) if body.spliceable else w.fill(body.readinto)):
+        progress.update(n)
+
+
 def pull_titled_layer(client: Client, layer: Mapping[str, Any], store: Store, log_fn: Log,
                       check: Callable[[Path], None], magic: bytes) -> tuple[str, int] | None:
     """Pull a layer that another client pushed as a plain file (``oras push REF
@@ -79,21 +86,17 @@ def pull_titled_layer(client: Client, layer: Mapping[str, Any], store: Store, lo
         return digest, 0  # the same bytes, already vetted and stored
     resp = client.get_blob(digest)
     try:
-        chunks = client.bounded(resp, size, f"blob {digest[:19]} of {client.ref.name}")
-        head = b""
-        for chunk in chunks:  # the magic may straddle chunks (it never does in practice)
-            head += chunk
-            if len(head) >= len(magic):
-                break
-        if not head.startswith(magic):
-            return None
-        progress = Progress("pulling base image", size, log_fn)
-        with store.writer(expected=digest, size=size, check=check) as w:
-            w.write(head)
-            progress.update(len(head))
-            for chunk in chunks:
-                w.write(chunk)
-                progress.update(len(chunk))
+        with client.stream(resp, size, f"blob {digest[:19]} of {client.ref.name}") as body:
+            head = b""
+            while len(head) < len(magic) and (more := body.read(len(magic) - len(head))):
+                head += more
+            if not head.startswith(magic):
+                return None
+            progress = Progress("pulling base image", size, log_fn)
+            with store.writer(expected=digest, size=size, check=check) as w:
+                w.write(head)
+                progress.update(len(head))
+                copy_body(body, w, progress)
         assert w.digest is not None
         progress.finish()
         return w.digest, w.bytes
@@ -137,15 +140,13 @@ def pull_layer(client: Client, layer: Mapping[str, Any], store: Store, log_fn: L
     progress = Progress(label, size, log_fn)
     resp = client.get_blob(layer_digest)
     try:
-        chunks = client.bounded(resp, size, f"blob {layer_digest[:19]} of {client.ref.name}")
-        with store.writer(expected=plain, size=plain_size, check=check) as w:
+        body = client.stream(resp, size, f"blob {layer_digest[:19]} of {client.ref.name}")
+        with body, store.writer(expected=plain, size=plain_size, check=check) as w:
             if media_type == plain_type:
-                for chunk in chunks:
-                    w.write(chunk)
-                    progress.update(len(chunk))
+                copy_body(body, w, progress)
                 moved = w.bytes
             else:
-                reader = HashingReader(threaded(chunks), progress)
+                reader = HashingReader(threaded(body.chunks()), progress)
                 budget = Budget(plain_size, lambda: RegistryError(
                     f"{what} decompresses to more than its declared {plain_size} bytes; refused"))
                 try:
