@@ -334,6 +334,14 @@ class BlobWriter:
             self._close(cancel=True)
             self._discard()
             raise self._io_error(exc) from None
+        # The file is complete: vet it while the hasher may still be reading it back,
+        # but report a digest or size mismatch first, as the likelier cause.
+        vetted: BaseException | None = None
+        if self.check is not None and self.expected_size in (None, self.bytes):
+            try:
+                self.check(self.tmp)
+            except BaseException as exc:
+                vetted = exc
         self._close(cancel=False)
         if self._failed is not None:
             self._discard()
@@ -351,12 +359,9 @@ class BlobWriter:
                 f"size mismatch for {digest}: expected {self.expected_size} bytes, "
                 f"got {self.bytes}"
             )
-        if self.check is not None:
-            try:
-                self.check(self.tmp)
-            except BaseException:
-                self._discard()
-                raise
+        if vetted is not None:
+            self._discard()
+            raise vetted
         self.digest = self.store._install(self.tmp, digest)
         return self.digest
 
