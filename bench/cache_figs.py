@@ -373,8 +373,9 @@ def p2_cold_pull(ctx: Ctx) -> Figure:
         cpu_ratio = (ours_cpu + ours_served) / max(curl_cpu + curl_served, 1e-9)
         fig.data["cpu"]["ratio_vs_curl"] = cpu_ratio
         notes.append(
-            f"CPU per pull (medians): flightvm resolve {ours_cpu:.2f} s (receive, write, and a "
-            f"sha256 that alone takes {hashing.median:.2f} s) + the registry serving it "
+            f"CPU per pull (medians): flightvm resolve {ours_cpu:.2f} s (receive into the page "
+            "cache, read back, and a sha256 that alone takes "
+            f"{hashing.median:.2f} s) + the registry serving it "
             f"{ours_served:.2f} s; curl {curl_cpu:.2f} s + registry {curl_served:.2f} s: "
             f"{cpu_ratio:.2f}× curl's CPU. With the registry on the same {cores} CPUs, the "
             f"verified pull cannot take less than ({ours_cpu:.2f} + {ours_served:.2f}) / {cores} "

@@ -111,7 +111,9 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         "is the difference of the medians. Also `resolve_image()` in-process. Bytes moved "
         "come from the resolve record (`source=local bytes=0`).",
         "- **P2** a cold pull into an empty cache dir through `resolve_image()` (manifest, "
-        "streamed blob, sha256 verified while written, made read-only) and through the "
+        "blob spliced from the socket into the store file in the kernel over plain HTTP and "
+        "read back from the page cache for its sha256 while it lands, qemu-img info, made "
+        "read-only) and through the "
         "`flightvm cache get` process, alternating with `curl -o` of the same blob from the "
         "same registry, with curl followed by `openssl dgst -sha256` (the same check, "
         "one after the other), and with the seed's podman path "
