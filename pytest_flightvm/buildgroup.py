@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -69,11 +70,13 @@ def run_group(
     cwd: Path | None = None,
     grace: float = 0.0,
     tail_lines: int = 20,
+    timeout: float | None = None,
 ) -> tuple[int, list[str]]:
     """Run a builder in its own process group, noted beside ``output``; return its exit
     code and last output lines. Each output line (stdout and stderr) goes to ``on_line``,
-    which may raise to stop the build. On any exception the group is stopped: SIGTERM
-    and ``grace`` seconds for its own clean-up, then SIGKILL."""
+    which may raise to stop the build. On any exception, or once ``timeout`` seconds
+    have passed (silent or not: a timer, not the output, decides), the group is stopped:
+    SIGTERM and ``grace`` seconds for its own clean-up, then SIGKILL."""
     try:
         proc = subprocess.Popen(
             list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
@@ -85,6 +88,16 @@ def run_group(
     record_group(output, proc)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     assert proc.stdout is not None
+    overdue = threading.Event()
+
+    def stop_overdue() -> None:
+        overdue.set()
+        stop_group(proc, grace)  # its output then ends, and so does the loop below
+
+    timer = threading.Timer(timeout, stop_overdue) if timeout else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     try:
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip()
@@ -96,7 +109,13 @@ def run_group(
         stop_group(proc, grace)
         raise
     finally:
+        if timer is not None:
+            timer.cancel()
         proc.stdout.close()
+    if overdue.is_set():
+        raise BuildError(f"{what} ran over {timeout:g} s and was stopped; raise "
+                         "--flightvm-build-timeout if it needs longer",
+                         detail="\n".join(tail))
     return proc.returncode, list(tail)
 
 

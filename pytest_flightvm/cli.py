@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The settings each verb uses: the env vars of the others are not read (several names are
 # shared with other tools), while a flag or ini key given for any of them is still checked.
-_CACHE = ("registry", "image", "cache_dir", "build_cmd", "build_inputs", "tag_prefix",
+_CACHE = ("registry", "image", "cache_dir", "build_cmd", "build_timeout", "build_inputs",
+          "tag_prefix",
           "rebuild", "push", "offline", "plain_http", "compress")
 VERB_NEEDS: dict[str, tuple[str, ...]] = {
     "cache": _CACHE,

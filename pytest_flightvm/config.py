@@ -65,6 +65,10 @@ OPTIONS: tuple[Option, ...] = (
            "shell command that writes a qcow2 to $FLIGHTVM_OUTPUT",
            "--flightvm-build-cmd", "flightvm_build_cmd", ("FLIGHTVM_BUILD_CMD",), cli_short="--build-cmd",
            metavar="CMD", default="the built-in Debian builder"),
+    Option("build_timeout", "seconds a build (--flightvm-build-cmd or the built-in builder) "
+           "may run before it is stopped", "--flightvm-build-timeout", "flightvm_build_timeout",
+           ("FLIGHTVM_BUILD_TIMEOUT",), kind="float", cli_short="--build-timeout",
+           metavar="SECONDS", default="3600"),
     Option("build_inputs", "paths/globs hashed into the cache key", None, "flightvm_build_inputs",
            kind="linelist",
            default="none"),
@@ -245,6 +249,7 @@ class Settings:
     image: str | None = None
     cache_dir: Path = field(default_factory=lambda: _default_cache_dir(os.environ))
     build_cmd: str | None = None
+    build_timeout: float = 3600.0
     build_inputs: tuple[str, ...] = ()
     tag_prefix: str = "base-qcow2"
     rebuild: bool = False

@@ -69,13 +69,15 @@ def _search_path() -> str:
 class DebianBuilder:
     """Builds a Debian bookworm qcow2 (BIOS + UEFI + Secure Boot) with mmdebstrap (needs root)."""
 
-    def __init__(self, script: Path | None = None, *, variant: str = DEFAULT_VARIANT) -> None:
+    def __init__(self, script: Path | None = None, *, variant: str = DEFAULT_VARIANT,
+                 timeout: float | None = None) -> None:
         if variant not in VARIANTS:
             raise ConfigError(
                 f"unknown Debian image variant {variant!r}; use one of: {', '.join(VARIANTS)}"
             )
         self._script = script
         self.variant = variant
+        self.timeout = timeout
 
     @property
     def name(self) -> str:
@@ -144,7 +146,7 @@ class DebianBuilder:
         # detaches loops
         code, tail = run_group(["bash", str(self.script), "--variant", self.variant, str(output)],
                                output, env=env, on_line=on_line, what=str(self.script),
-                               grace=TERM_GRACE_S, tail_lines=TAIL_LINES)
+                               grace=TERM_GRACE_S, tail_lines=TAIL_LINES, timeout=self.timeout)
         if code != 0:
             raise BuildError(
                 f"building the Debian base image failed (exit {code}): "

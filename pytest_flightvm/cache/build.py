@@ -63,11 +63,9 @@ class CommandBuilder:
             if now - last >= 2.0 and line:
                 last = now
                 log(f"building base image ({now - start:.0f} s): {line[:160]}")
-            if self.timeout and now - start > self.timeout:
-                raise BuildError(f"the build command ran over {self.timeout:g} s; stopped it")
 
         code, tail = run_group(["sh", "-c", self.cmd], output, env=env, on_line=on_line,
-                               what="the build command", cwd=self.cwd)
+                               what="the build command", cwd=self.cwd, timeout=self.timeout)
         if code != 0:
             raise BuildError(
                 f"the build command exited {code}"
@@ -115,8 +113,8 @@ def hook_builder(hook: Any, config: Any) -> HookBuilder | None:
                        lambda output, key: hook(config=config, output=output, key=key))
 
 
-def default_builder() -> Builder:
-    """The built-in Debian builder (imported lazily)."""
+def default_builder(timeout: float | None = None) -> Builder:
+    """The built-in Debian builder (imported lazily); stopped after ``timeout`` seconds."""
     try:
         from ..builders.debian import DebianBuilder
     except ImportError as exc:
@@ -124,10 +122,14 @@ def default_builder() -> Builder:
             f"no builder available: the built-in Debian builder cannot be loaded ({exc}); "
             "set --flightvm-build-cmd or --flightvm-image"
         ) from None
-    builder: Builder = DebianBuilder()
+    builder: Builder = DebianBuilder(timeout=timeout)
     return builder
 
 
-def builder_for(build_cmd: str | None, rootdir: Path | None = None) -> Builder:
-    """``CommandBuilder(build_cmd)`` when set, else the default builder."""
-    return CommandBuilder(build_cmd, cwd=rootdir) if build_cmd else default_builder()
+def builder_for(build_cmd: str | None, rootdir: Path | None = None,
+                timeout: float | None = None) -> Builder:
+    """``CommandBuilder(build_cmd)`` when set, else the default builder; either is
+    stopped after ``timeout`` seconds (``--flightvm-build-timeout``)."""
+    if build_cmd:
+        return CommandBuilder(build_cmd, cwd=rootdir, timeout=timeout)
+    return default_builder(timeout)

@@ -201,14 +201,14 @@ def _configured_host(settings: Settings, repository: str) -> bool:
 
 def current_key(settings: Settings, builder: Builder | None = None) -> CacheKey:
     """The cache key the settings resolve under (builder identity, inputs, arch)."""
-    builder = builder or builder_for(settings.build_cmd, settings.rootdir)
+    builder = builder or builder_for(settings.build_cmd, settings.rootdir, settings.build_timeout)
     return compute_key(builder.identity, settings.build_inputs, settings.rootdir, settings.arch)
 
 
 def _resolve_key(
     settings: Settings, store: Store, builder: Builder | None, log: Log, start: float, run: str
 ) -> ResolvedImage:
-    builder = builder or builder_for(settings.build_cmd, settings.rootdir)
+    builder = builder or builder_for(settings.build_cmd, settings.rootdir, settings.build_timeout)
     key = current_key(settings, builder)
     tags = tuple(tags_for(settings.tag_prefix, key, settings.arch, settings.rootdir))
     ref_name = f"key/{key.digest}"
@@ -447,7 +447,7 @@ def cache_image(
     registry = _registry(settings)
     if registry is None:
         raise ConfigError("no registry configured; set --registry or FLIGHTVM_REGISTRY")
-    builder = builder or builder_for(settings.build_cmd, settings.rootdir)
+    builder = builder or builder_for(settings.build_cmd, settings.rootdir, settings.build_timeout)
     start = time.monotonic()
     store = Store(settings.store_dir)
     key = current_key(settings, builder)

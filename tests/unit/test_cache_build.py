@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,37 @@ def test_hook_builder_gets_the_key_as_an_argument(tmp_path: Path) -> None:
     assert image.source == "build" and [key for _, key in calls] == [image.key]
     with pytest.raises(FlightVMError, match="pytest_flightvm_build_image returned no result"):
         build.HookBuilder([(impl_b, "c")], lambda output, key: None).build(tmp_path / "o", key="k")
+
+
+@pytest.mark.parametrize("cmd,last", [("echo started; exec sleep 60", "started"),  # then silent
+                                      ("while :; do echo working; sleep 0.1; done", "working")])
+def test_a_build_over_its_timeout_is_stopped_silent_or_not(tmp_path: Path, cmd: str,
+                                                           last: str) -> None:
+    pid_file = tmp_path / "pid"
+    t = time.monotonic()
+    with pytest.raises(BuildError, match=r"the build command ran over 1 s and was stopped; "
+                                         r"raise --flightvm-build-timeout") as info:
+        CommandBuilder(f"echo $$ > {pid_file}; {cmd}", timeout=1).build(tmp_path / "o",
+                                                                        log=lambda _m: None)
+    assert time.monotonic() - t < 10
+    assert "\n" not in str(info.value)  # one line; the output's tail is the detail
+    assert info.value.detail.splitlines()[-1] == last
+    assert running_in_group(int(pid_file.read_text())) == []  # its whole group is gone
+
+
+def running_in_group(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies (an orphan waits for init)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            state, _ppid, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_builder_for_passes_the_timeout(tmp_path: Path) -> None:
+    b = build.builder_for("true", tmp_path, 7.0)
+    assert isinstance(b, CommandBuilder) and b.timeout == 7.0
