@@ -128,11 +128,16 @@ def tree_is_clean(rootdir: Path) -> bool:
     return out is not None and out.strip() == ""
 
 
-def tags_for(prefix: str, key: CacheKey | str, arch: str, rootdir: Path) -> list[str]:
-    """``<prefix>-<key12>-<arch>``; ``<prefix>-<gitshort>`` in git; ``<prefix>-latest``
-    only from a clean tree."""
+def key_tag(prefix: str, key: CacheKey | str, arch: str) -> str:
+    """``<prefix>-<key12>-<arch>``: the tag a base is pulled by (no git involved)."""
     digest = key.digest if isinstance(key, CacheKey) else key
-    tags = [f"{prefix}-{digest[:12]}-{arch}"]
+    return f"{prefix}-{digest[:12]}-{arch}"
+
+
+def tags_for(prefix: str, key: CacheKey | str, arch: str, rootdir: Path) -> list[str]:
+    """What a push uses: :func:`key_tag`; ``<prefix>-<gitshort>`` in git;
+    ``<prefix>-latest`` only from a clean tree (two ``git`` runs)."""
+    tags = [key_tag(prefix, key, arch)]
     short = git_short(rootdir)
     if short:
         tags.append(f"{prefix}-{short}")

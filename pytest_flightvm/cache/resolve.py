@@ -50,7 +50,7 @@ from ..errors import (
     StoreUnusable,
 )
 from .build import Builder, builder_for
-from .key import CacheKey, compute_key, git_commit, tags_for
+from .key import CacheKey, compute_key, git_commit, key_tag, tags_for
 from .qcow2 import check_qcow2
 from .reference import Reference, is_loopback
 
@@ -74,7 +74,7 @@ class ResolvedImage:
     path: Path
     digest: str  # sha256:<hex> of the qcow2
     key: str  # hex cache key ("" when pinned with settings.image)
-    tags: tuple[str, ...]
+    tags: tuple[str, ...]  # the key tag; after a build also the git tags a push uses
     source: str  # "local" | "registry" | "build"
     seconds: float
     bytes_moved: int  # bytes pulled, or pushed after a build (0 for a local hit)
@@ -210,7 +210,8 @@ def _resolve_key(
 ) -> ResolvedImage:
     builder = builder or builder_for(settings.build_cmd, settings.rootdir, settings.build_timeout)
     key = current_key(settings, builder)
-    tags = tuple(tags_for(settings.tag_prefix, key, settings.arch, settings.rootdir))
+    # Resolving needs only the key tag; git's tags are for a push, after a build.
+    tags: tuple[str, ...] = (key_tag(settings.tag_prefix, key, settings.arch),)
     ref_name = f"key/{key.digest}"
 
     def done(digest: str, source: str, moved: int) -> ResolvedImage:
@@ -247,6 +248,7 @@ def _resolve_key(
                 return done(pulled.digest, "registry", pulled.bytes)
 
         digest = _build(store, builder, key, log)
+        tags = tuple(tags_for(settings.tag_prefix, key, settings.arch, settings.rootdir))
         store.set_ref(ref_name, digest, source="build", run=run, tags=list(tags),
                       builder=builder.identity, parts=key.parts)
     # Push outside the lock: the other workers can use the stored image meanwhile.

@@ -207,3 +207,23 @@ def test_pinned_ref_offline_without_a_copy(settings: Settings) -> None:
     pinned = settings.replace(image="127.0.0.1:1/x/y:tag", offline=True)
     with pytest.raises(ConfigError, match="offline"):
         resolve_image(pinned, log=lambda m: None)
+
+
+def test_only_a_build_asks_git_for_its_tags(settings: Settings, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # git's tags (<prefix>-<short>, -latest) are for a push; a hit resolves by the key tag.
+    from pytest_flightvm.cache import key as key_mod
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t",
+                    "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    calls: list[tuple[str, ...]] = []
+    real = key_mod._git
+    monkeypatch.setattr(key_mod, "_git", lambda root, *args: calls.append(args) or real(root, *args))
+    built = resolve_image(settings, log=lambda m: None)
+    assert built.source == "build" and calls
+    short = real(tmp_path, "rev-parse", "--short", "HEAD").strip()
+    assert built.tags[:2] == (f"base-qcow2-{built.key[:12]}-amd64", f"base-qcow2-{short}")
+    calls.clear()
+    hit = resolve_image(settings, log=lambda m: None)
+    assert hit.source == "local" and calls == []
+    assert hit.tags == (f"base-qcow2-{hit.key[:12]}-amd64",)
