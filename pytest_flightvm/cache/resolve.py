@@ -214,7 +214,8 @@ def _resolve_key(
     tags: tuple[str, ...] = (key_tag(settings.tag_prefix, key, settings.arch),)
     ref_name = f"key/{key.digest}"
 
-    def done(digest: str, source: str, moved: int) -> ResolvedImage:
+    def done(digest: str, source: str, moved: int,
+             tags: tuple[str, ...] = tags) -> ResolvedImage:
         return ResolvedImage(store.blob_path(digest), digest, key.digest, tags, source,
                              time.monotonic() - start, moved, settings.arch)
 
@@ -256,7 +257,7 @@ def _resolve_key(
     if settings.push and registry is not None:
         result = _try_push(registry, store, digest, tags, key, settings, log)
         moved = result.bytes if result else 0
-    return done(digest, "build", moved)
+    return done(digest, "build", moved, tags)
 
 
 def _build(store: Store, builder: Builder, key: CacheKey, log: Log) -> str:

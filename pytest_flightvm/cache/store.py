@@ -188,7 +188,6 @@ class BlobWriter:
         self.tmp = store.tmp_path(".part")
         self._fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL
                                        | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        self._fd_read = self._fd  # the hasher's, for spliced chunks; closed after it is done
         self._pipe: tuple[int, int] | None = None
         self._readback: memoryview | None = None
         self._failed: OSError | None = None
@@ -210,26 +209,25 @@ class BlobWriter:
         hashed = 0
         while (item := self._todo.get()) is not None:
             data, mark = item
-            if self._cancelled:
-                pass
-            elif data is not None:
-                self._hash.update(data)
-                hashed += len(data)
-            else:  # spliced: read back from the page cache what the file holds up to mark
+            if data is not None:  # written: hash it, then hand its buffer and credit back
+                if not self._cancelled:
+                    self._hash.update(data)
+                    hashed += len(data)
+                if mark >= 0:
+                    self._free.put(mark)
+                self._credit.release()
+            elif not self._cancelled:  # spliced: read back what the file holds up to mark
                 try:
                     hashed = self._hash_file(hashed, mark)
                 except OSError as exc:
                     self._cancelled, self._failed = True, exc
-            if data is not None:
-                if mark >= 0:
-                    self._free.put(mark)
-                self._credit.release()
 
     def _hash_file(self, start: int, end: int) -> int:
+        assert self._fd is not None  # closed only once this thread is done
         if self._readback is None:
             self._readback = memoryview(bytearray(_CHUNK))
         while start < end:
-            n = os.preadv(self._fd_read, [self._readback[:min(end - start, _CHUNK)]], start)
+            n = os.preadv(self._fd, [self._readback[:min(end - start, _CHUNK)]], start)
             if not n:
                 raise OSError(errno.EIO, "the temp file is shorter than what was written")
             self._hash.update(self._readback[:n])

@@ -104,6 +104,7 @@ class Body:
         self._fp = _in_place(resp)
         self._sock = _spliceable(self._fp, resp)
         self._left: int | None = None  # bytes still to splice (once splicing began)
+        self._poller: select.poll | None = None
         self._watchdog = Watchdog(resp, self.seconds)
 
     @property
@@ -131,7 +132,9 @@ class Body:
         many; 0 at the end. Only when :attr:`spliceable`."""
         assert self._fp is not None and self._sock is not None
         first = self._left is None
-        left = self._left = (self._fp.length or 0) if self._left is None else self._left
+        if self._left is None:  # http.client counted what was read before splicing began
+            self._left = self._fp.length or 0
+        left = self._left
         if left <= 0:
             return 0
         try:
@@ -152,13 +155,14 @@ class Body:
     def _splice(self, pipe: int, n: int) -> int:
         assert self._sock is not None
         fd = self._sock.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
         while True:
             try:
                 return os.splice(fd, pipe, n, flags=os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
-                if not poller.poll(self.client.timeout[1] * 1000):
+                if self._poller is None:
+                    self._poller = select.poll()
+                    self._poller.register(fd, select.POLLIN)
+                if not self._poller.poll(self.client.timeout[1] * 1000):
                     raise TimeoutError("Read timed out") from None
 
     def _count(self, n: int) -> int:
