@@ -148,6 +148,20 @@ _RING = 6
 the rest queued for or in the hasher."""
 
 
+def free_bytes(path: Path) -> int | None:
+    """Bytes this process may still write on the filesystem holding ``path`` (None
+    when the filesystem does not say)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -185,6 +199,11 @@ class BlobWriter:
         self.expected = check_digest(expected) if expected else None
         self.expected_size = size
         self.check = check
+        free = free_bytes(store.root) if size else None
+        if size and free is not None and size > free:  # before a byte moves, not after most
+            raise StoreUnusable(
+                f"the image store at {store.root} has no room for a blob of {_mib(size)} "
+                f"({_mib(free)} free); free space there or set --flightvm-cache-dir")
         self.tmp = store.tmp_path(".part")
         self._fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL
                                        | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -317,3 +318,58 @@ def test_lock_is_per_name(store: Store) -> None:
         with b:
             assert b.is_locked
     assert (store.root / "locks" / "key-abc.lock").exists()
+
+
+# -- room on the disk ---------------------------------------------------------------------------
+
+
+def test_a_blob_that_cannot_fit_fails_before_a_byte_moves(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "free_bytes", lambda path: 3 * MiB)
+    with pytest.raises(store_mod.StoreUnusable) as info:
+        store.writer(expected=sha(b"x"), size=8 * MiB)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert f"image store at {store.root} has no room for a blob of 8.0 MiB (3.0 MiB free)" in msg
+    assert msg.endswith("free space there or set --flightvm-cache-dir")
+    assert list((store.root / "tmp").iterdir()) == []  # no temp file was made
+    data = os.urandom(2 * MiB)  # what fits, and a writer that declares no size, still write
+    with store.writer(expected=sha(data), size=len(data)) as w:
+        w.write(data)
+    with store.writer() as w2:
+        w2.write(b"y" * (4 * MiB))
+    assert store.has(sha(data)) and store.has(sha(b"y" * (4 * MiB)))
+
+
+def test_free_bytes_is_what_the_filesystem_says(tmp_path: Path) -> None:
+    free = store_mod.free_bytes(tmp_path)
+    usage = shutil.disk_usage(tmp_path)  # statvfs f_bavail, what a non-root user may use
+    assert free is not None and 0 < free <= usage.total
+    assert free >= usage.free if os.geteuid() == 0 else abs(free - usage.free) < 64 * MiB
+    assert store_mod.free_bytes(tmp_path / "missing") is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (root only)")
+def test_a_disk_that_fills_mid_write_is_one_line_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """statvfs said there was room (another writer filled the disk since): the write
+    fails with the kernel's ENOSPC, one line, and the partial file is removed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "flightvm-unit", str(mount)],
+                   check=True, capture_output=True)
+    try:
+        store = Store(mount / "store")
+        monkeypatch.setattr(store_mod, "free_bytes", lambda path: None)
+        data = os.urandom(4 * MiB)
+        with pytest.raises(store_mod.StoreUnusable) as info:
+            with store.writer(expected=sha(data), size=len(data)) as w:
+                for i in range(0, len(data), MiB):
+                    w.write(data[i:i + MiB])
+        msg = str(info.value)
+        assert "\n" not in msg and "No space left on device" in msg
+        assert msg.endswith("free space there or set --flightvm-cache-dir")
+        assert list((store.root / "tmp").iterdir()) == []
+        assert list((store.root / "blobs" / "sha256").iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
