@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         reps_rss=1 if quick else 2,
         reps_zstd=1 if quick else 2,
         reps_p4=1 if quick else 2,
+        reps_p2=args.reps or (5 if quick else 9),
     )
     full = not args.only and not quick
     out_dir = args.out or (REPO_ROOT / "docs" if full else Path("/var/tmp/flightvm-bench-out"))
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
             "machine": machine_info(), "figures_run": args.figures,
             "reps": {"cheap": ctx.reps, "push_rss": ctx.reps_rss, "zstd": ctx.reps_zstd,
-                     "p4": ctx.reps_p4, "hand_boots": ctx.vm_reps, "reset_tests": ctx.reset_tests}}
+                     "p4": ctx.reps_p4, "p2": ctx.reps_p2, "hand_boots": ctx.vm_reps,
+                     "reset_tests": ctx.reset_tests}}
     log(f"figures {', '.join(args.figures)}; work dir {work}; output {out_dir}")
     ctx.sample_load()
     figs: list[Figure] = []

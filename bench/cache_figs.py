@@ -342,7 +342,7 @@ def p2_cold_pull(ctx: Ctx) -> Figure:
     if podman_ref:
         contenders["podman pull+create+cp"] = podman_path
     try:
-        runs = alternate(ctx.reps, contenders, settle=settle_io(ctx.work, _settle_mib(ctx, 1)))
+        runs = alternate(ctx.reps_p2, contenders, settle=settle_io(ctx.work, _settle_mib(ctx, 1)))
     finally:
         podman.wipe()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -40,6 +40,7 @@ class Ctx:
     reps_rss: int = 3  # P3 pushes per contender
     reps_zstd: int = 3  # Z push+pull cycles per mode
     reps_p4: int = 2  # P4 pytest runs per -n
+    reps_p2: int = 9  # P2 cold pulls per contender (a ratio near its target: a steadier median)
     base: Any = None  # ResolvedImage of the base in the bench store, set by ensure_base()
     build_cmd: str = ""  # `cp <base blob> $FLIGHTVM_OUTPUT`: a key that the tree cannot move
     cache_dir: Path = Path()  # the bench's warm cache dir (holds the base)

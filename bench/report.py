@@ -122,7 +122,9 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         "pushed with podman's default gzip layer). Also hashlib's sha256 alone over the "
         "page-cached blob, and the CPU seconds of each resolve and curl sample: the puller's "
         "(process time and children, from getrusage) and the registry's (`/proc/PID/stat` of "
-        "the registry `make host` started), with the floor they imply on this host's CPUs.",
+        "the registry `make host` started), with the floor they imply on this host's CPUs. "
+        "Nine rounds (five with `--quick`) rather than the cheap figures' three: the ratio "
+        "sits near its target and a median of three moved it by ±0.05.",
         "- **P3** peak RSS (`wait4` ru_maxrss, taken by a small launcher that forks it: "
         "ru_maxrss starts from the RSS a process had before exec) of a child process that "
         "pushes the base to a "
