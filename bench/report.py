@@ -99,7 +99,7 @@ def markdown(figs: list[Figure], meta: dict[str, Any], chart: str | None, why: s
         "- **Setup** the project's base image (default store, else the registry, else the "
         "built-in builder) is copied into a bench store whose cache key comes from "
         "`--build-cmd 'cp <blob> $FLIGHTVM_OUTPUT'` and pushed once to "
-        "`127.0.0.1:5000/flightvm-bench/base`: same 480 MiB qcow2, but a key that commits "
+        "`127.0.0.1:5000/flightvm-bench/base`: the same qcow2, but a key that commits "
         "landing in the shared tree cannot move mid-run, and no lock shared with other "
         "engineers' runs. Bytecode caching is on (`PYTHONDONTWRITEBYTECODE` unset), as on a "
         "normal install.",

@@ -271,7 +271,7 @@ def test_full_disk(pytester: pytest.Pytester, tally: Tally, tmp_path: Path,
     # (a disk that fills mid-write: tests/unit/test_cache_store.py)
     fix = ["has no room for a blob of", "MiB free); free space there or set --flightvm-cache-dir"]
     cli_fix = ["has no room for a blob of", "MiB free); free space there or set --cache-dir"]
-    with tally.trial("R6", "full disk: pull the real base (480 MiB) into a 64 MiB tmpfs"), \
+    with tally.trial("R6", "full disk: pull the real base (~550 MiB) into a 64 MiB tmpfs"), \
             tmpfs(tmp_path / "full", size="64m") as full:
         cache = full / "cli"
         tag = real_base["tags"][0]
