@@ -150,10 +150,13 @@ the rest queued for or in the hasher."""
 
 def free_bytes(path: Path) -> int | None:
     """Bytes this process may still write on the filesystem holding ``path`` (None
-    when the filesystem does not say)."""
+    when the filesystem does not say: no statvfs, or no blocks at all, as some FUSE and
+    network filesystems report)."""
     try:
         st = os.statvfs(path)
     except OSError:
+        return None
+    if st.f_blocks == 0:
         return None
     return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 

@@ -349,6 +349,20 @@ def test_free_bytes_is_what_the_filesystem_says(tmp_path: Path) -> None:
     assert store_mod.free_bytes(tmp_path / "missing") is None
 
 
+def test_a_filesystem_that_reports_no_blocks_is_not_full(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some FUSE and network filesystems answer statvfs with zeros: that says nothing
+    about room, so a pull goes ahead (and a real ENOSPC still ends it in one line)."""
+    real = os.statvfs(store.root)
+    zeros = os.statvfs_result((real.f_bsize, real.f_frsize, 0, 0, 0, 0, 0, 0, 0, 255))
+    monkeypatch.setattr(store_mod.os, "statvfs", lambda path: zeros)
+    assert store_mod.free_bytes(store.root) is None
+    data = os.urandom(MiB)
+    with store.writer(expected=sha(data), size=len(data)) as w:
+        w.write(data)
+    assert store.has(sha(data))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (root only)")
 def test_a_disk_that_fills_mid_write_is_one_line_and_leaves_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
