@@ -211,6 +211,7 @@ class BlobWriter:
         self._fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL
                                        | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         self._pipe: tuple[int, int] | None = None
+        self._into_file = True  # does the file take a splice from the pipe?
         self._readback: memoryview | None = None
         self._failed: OSError | None = None
         self._hash = hashlib.sha256()
@@ -307,7 +308,8 @@ class BlobWriter:
         ``source(pipe, n)`` puts up to ``n`` bytes into the write end of a pipe of this
         writer's (see ``Body.splice``), and the kernel moves them on into the file; the
         hasher reads them back from the page cache. Returns the chunk's size; 0 when
-        ``source`` put nothing (the source is done)."""
+        ``source`` put nothing (the source is done). Where the store's filesystem takes
+        no splice, the chunk is read out of the pipe and written instead."""
         if self._fd is None:
             raise CacheError("write to a closed blob writer")
         if self._pipe is None:
@@ -315,14 +317,25 @@ class BlobWriter:
             with contextlib.suppress(OSError):  # a smaller pipe only means more calls
                 fcntl.fcntl(self._pipe[1], fcntl.F_SETPIPE_SZ, _CHUNK)
         n = source(self._pipe[1], _CHUNK)
-        try:
-            moved = 0
-            while moved < n:
-                moved += os.splice(self._pipe[0], self._fd, n - moved)
-        except OSError as exc:
-            raise self._io_error(exc) from None
-        self.bytes += n  # no credit taken: the chunk waits in the page cache, not in memory
-        self._todo.put((None, self.bytes))
+        moved = 0
+        if self._into_file:
+            try:
+                while moved < n:
+                    moved += os.splice(self._pipe[0], self._fd, n - moved)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or moved:
+                    raise self._io_error(exc) from None
+                self._into_file = False  # a filesystem without splice (ecryptfs): copy
+            else:
+                self.bytes += n  # no credit taken: the chunk waits in the page cache
+                self._todo.put((None, self.bytes))
+                return n
+        while moved < n:  # out of the pipe through Python, then written as any chunk
+            try:
+                chunk = os.read(self._pipe[0], n - moved)
+            except OSError as exc:
+                raise self._io_error(exc) from None
+            moved += self.write(chunk)
         return n
 
     def _io_error(self, exc: OSError) -> CacheError:

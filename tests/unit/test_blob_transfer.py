@@ -4,10 +4,12 @@ the registry: these check the plumbing, the real registry is the integration tie
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -96,6 +98,43 @@ def test_a_splice_that_fails_leaves_nothing(store: Store) -> None:
             w.splice(broken)
     assert list((store.root / "tmp").iterdir()) == []
     assert list((store.root / "blobs" / "sha256").iterdir()) == []
+
+
+def test_a_filesystem_without_splice_gets_the_chunks_written(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ecryptfs and a few others have no splice_write: the kernel answers EINVAL for a
+    splice into the file (not for one into the pipe), and the writer copies instead."""
+    real, refused = os.splice, []
+
+    def no_splice_into_files(src: int, dst: int, count: int, *args: object,
+                             **kwargs: object) -> int:
+        if stat.S_ISREG(os.fstat(dst).st_mode):
+            refused.append(count)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(src, dst, count, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_mod.os, "splice", no_splice_into_files)
+    data = os.urandom(3 * MiB + 5)
+    with store.writer(expected=sha(data), size=len(data)) as w:
+        w.write(data[:4])
+        source = pipe_source(data[4:])
+        while w.splice(source):
+            pass
+    assert len(refused) == 1  # asked once, then copied
+    assert store.blob_path(sha(data)).read_bytes() == data
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_a_splice_error_other_than_einval_is_one_line(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(src: int, dst: int, count: int, *args: object, **kwargs: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store_mod.os, "splice", full)
+    with pytest.raises(store_mod.StoreUnusable, match="No space left on device"):
+        with store.writer() as w:
+            w.splice(pipe_source(b"x" * 1000))
+    assert list((store.root / "tmp").iterdir()) == []
 
 
 # -- a body from a loopback server --------------------------------------------------
