@@ -165,6 +165,9 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
+_ROOM_FIX = "free space there or set --flightvm-cache-dir"
+
+
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -202,11 +205,10 @@ class BlobWriter:
         self.expected = check_digest(expected) if expected else None
         self.expected_size = size
         self.check = check
-        free = free_bytes(store.root) if size else None
-        if size and free is not None and size > free:  # before a byte moves, not after most
-            raise StoreUnusable(
+        if size and (free := free_bytes(store.root)) is not None and size > free:
+            raise StoreUnusable(  # before a byte moves, not after most of them
                 f"the image store at {store.root} has no room for a blob of {_mib(size)} "
-                f"({_mib(free)} free); free space there or set --flightvm-cache-dir")
+                f"({_mib(free)} free); {_ROOM_FIX}")
         self.tmp = store.tmp_path(".part")
         self._fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL
                                        | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -317,19 +319,11 @@ class BlobWriter:
             with contextlib.suppress(OSError):  # a smaller pipe only means more calls
                 fcntl.fcntl(self._pipe[1], fcntl.F_SETPIPE_SZ, _CHUNK)
         n = source(self._pipe[1], _CHUNK)
+        if self._into_file and self._splice_in(n):
+            self.bytes += n  # no credit taken: the chunk waits in the page cache
+            self._todo.put((None, self.bytes))
+            return n
         moved = 0
-        if self._into_file:
-            try:
-                while moved < n:
-                    moved += os.splice(self._pipe[0], self._fd, n - moved)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL or moved:
-                    raise self._io_error(exc) from None
-                self._into_file = False  # a filesystem without splice (ecryptfs): copy
-            else:
-                self.bytes += n  # no credit taken: the chunk waits in the page cache
-                self._todo.put((None, self.bytes))
-                return n
         while moved < n:  # out of the pipe through Python, then written as any chunk
             try:
                 chunk = os.read(self._pipe[0], n - moved)
@@ -338,10 +332,26 @@ class BlobWriter:
             moved += self.write(chunk)
         return n
 
+    def _splice_in(self, n: int) -> bool:
+        """Splice the ``n`` bytes in the pipe into the file. False when the filesystem
+        takes no splice (EINVAL before a byte moved, e.g. ecryptfs): the bytes stay in
+        the pipe, and this writer copies from then on."""
+        assert self._fd is not None and self._pipe is not None
+        moved = 0
+        try:
+            while moved < n:
+                moved += os.splice(self._pipe[0], self._fd, n - moved)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or moved:
+                raise self._io_error(exc) from None
+            self._into_file = False
+            return False
+        return True
+
     def _io_error(self, exc: OSError) -> CacheError:
         return StoreUnusable(
             f"cannot write to the image store at {self.store.root} ({exc.strerror}); "
-            "free space there or set --flightvm-cache-dir"
+            f"{_ROOM_FIX}"
         )
 
     def _close(self, cancel: bool) -> None:
